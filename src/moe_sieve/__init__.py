@@ -1,0 +1,40 @@
+"""moe-sieve: routing-guided LoRA fine-tuning for Mixture-of-Experts language models.
+
+The recipe, one stage per module, each writing an artifact the next one reads::
+
+    from moe_sieve import ProfileConfig, run_profile, routing_stats, make_selection
+
+    profile = run_profile(ProfileConfig(model="tiny-random-olmoe", data="calib.jsonl"))
+    profile.save("runs/profile")
+    print(routing_stats(profile.counts_LE, profile.mass_LE, layer_ids=profile.layer_ids).to_json())
+    selection = make_selection(profile.counts_LE, profile.mass_LE, k="25%", layer_ids=profile.layer_ids)
+    selection.save("runs/selection.json")
+"""
+
+from ._version import __version__
+from .arch import ArchSpec, MoELayer, UnsupportedModelError, find_moe_layers, register_arch
+from .data.tasks import Example, load_examples
+from .profiling import Profile, ProfileConfig, ProfileMismatchError, profile_model, run_profile
+from .selection import Selection, make_selection
+from .stats import RoutingStats, routing_stats, subsample_stability
+
+__all__ = [
+    "ArchSpec",
+    "Example",
+    "MoELayer",
+    "Profile",
+    "ProfileConfig",
+    "ProfileMismatchError",
+    "RoutingStats",
+    "Selection",
+    "UnsupportedModelError",
+    "__version__",
+    "find_moe_layers",
+    "load_examples",
+    "make_selection",
+    "profile_model",
+    "register_arch",
+    "routing_stats",
+    "run_profile",
+    "subsample_stability",
+]

@@ -1,0 +1,31 @@
+"""Model-family registry: routers, routed and shared experts, and storage layouts."""
+
+from .registry import (
+    ARCHS,
+    ArchSpec,
+    ExpertLayout,
+    MoELayer,
+    MoEShape,
+    UnsupportedModelError,
+    config_fingerprint,
+    find_moe_layers,
+    get_arch,
+    register_arch,
+    routing_from_tuple,
+    topk_weights_of,
+)
+
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "ExpertLayout",
+    "MoELayer",
+    "MoEShape",
+    "UnsupportedModelError",
+    "config_fingerprint",
+    "find_moe_layers",
+    "get_arch",
+    "register_arch",
+    "routing_from_tuple",
+    "topk_weights_of",
+]

@@ -1,0 +1,383 @@
+"""Calibration tasks: the paper's fine-tuning datasets (§5.1) and plain JSONL, as prompt -> completion pairs.
+
+Profiling counts the tokens a fine-tuning run would feed the model, so every task is formatted the way it is
+fine-tuned: a prompt and the target completion, kept apart so that counting can target either part.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RowFormatter = Callable[[Mapping[str, Any]], tuple[str, str]]
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One calibration example; plain text is ``prompt=""``, ``completion=text``.
+
+    ``source`` locates it for error messages: ``origin:index``, a 0-based row for data read through
+    ``datasets`` (``openai/gsm8k[train]:17``) and a 1-based line for generic JSONL (``file.jsonl:18``).
+    """
+
+    prompt: str
+    completion: str
+    source: str
+
+
+@dataclass
+class TaskSpec:
+    """A registered task: where its rows live on the hub and how one row becomes prompt and completion.
+
+    ``configure``, when set, builds the formatter from a resource directory (Spider's schemas live in
+    ``tables.json`` outside the rows); ``resource_file`` names the file it needs there.
+    """
+
+    name: str
+    hub_path: str
+    hub_config: str | None
+    default_split: str
+    required_fields: tuple[str, ...]
+    format: RowFormatter
+    description: str
+    configure: Callable[[str | None], RowFormatter] | None = None
+    resource_file: str | None = None
+
+    def formatter(self, resource_dir: str | None = None) -> RowFormatter:
+        return self.configure(resource_dir) if self.configure is not None else self.format
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add (or replace) a task so ``--data NAME`` and ``NAME:PATH`` reach it."""
+    TASKS[spec.name] = spec
+    return spec
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+
+
+# --- formatters -------------------------------------------------------------------------------------------
+
+
+def format_gsm8k(row: Mapping[str, Any]) -> tuple[str, str]:
+    return f"Question: {row['question']}\nAnswer:", " " + str(row["answer"])
+
+
+def format_hellaswag(row: Mapping[str, Any]) -> tuple[str, str]:
+    ctx = row.get("ctx")
+    if ctx is None:
+        if row.get("ctx_a") is None or row.get("ctx_b") is None:
+            raise ValueError("missing field 'ctx' (or both 'ctx_a' and 'ctx_b')")
+        ctx = f"{row['ctx_a']} {str(row['ctx_b']).capitalize()}".rstrip()
+    endings = row["endings"]
+    if not isinstance(endings, (list, tuple)) or not endings:
+        raise ValueError(f"'endings' must be a non-empty list, got {endings!r}")
+    label = row["label"]
+    if isinstance(label, str):
+        if not label.strip():
+            raise ValueError("empty 'label' (HellaSwag's test split is unlabelled; use train or validation)")
+        try:
+            label = int(label)
+        except ValueError:
+            raise ValueError(f"'label' must be an integer, got {row['label']!r}") from None
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+        raise ValueError(f"'label' must be an integer, got {label!r}")
+    if not 0 <= label < len(endings):
+        raise ValueError(f"'label' {label} is outside 0..{len(endings) - 1} ({len(endings)} endings)")
+    activity = row.get("activity_label")
+    prompt = f"{activity}: {ctx}" if activity else str(ctx)
+    return prompt, " " + str(endings[int(label)])
+
+
+def _spider_needs_dir(row: Mapping[str, Any]) -> tuple[str, str]:
+    return _spider_formatter(None)(row)
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _sql_name(name: str) -> str:
+    return name if _IDENTIFIER.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def render_spider_schema(db: Mapping[str, Any]) -> str:
+    """``CREATE TABLE`` lines of one ``tables.json`` entry, with its primary and foreign keys."""
+    tables = db["table_names_original"]
+    columns = db["column_names_original"]
+    types = db["column_types"]
+    body: list[list[str]] = [[] for _ in tables]
+    for (table, column), col_type in zip(columns, types, strict=True):
+        if table >= 0:
+            body[table].append(f"{_sql_name(column)} {col_type}")
+    for key in db.get("primary_keys", []):
+        cols = key if isinstance(key, list) else [key]
+        names = ", ".join(_sql_name(columns[c][1]) for c in cols)
+        body[columns[cols[0]][0]].append(f"PRIMARY KEY ({names})")
+    for src, dst in db.get("foreign_keys", []):
+        src_table, src_col = columns[src]
+        dst_table, dst_col = columns[dst]
+        target = f"{_sql_name(tables[dst_table])}({_sql_name(dst_col)})"
+        body[src_table].append(f"FOREIGN KEY ({_sql_name(src_col)}) REFERENCES {target}")
+    return "\n".join(
+        f"CREATE TABLE {_sql_name(t)} ({', '.join(cols)});" for t, cols in zip(tables, body, strict=True)
+    )
+
+
+def _spider_formatter(spider_dir: str | None) -> RowFormatter:
+    if spider_dir is None:
+        raise ValueError(
+            "task spider needs the database schemas: pass --spider-dir (spider_dir=) pointing at the Spider "
+            "folder holding tables.json"
+        )
+    path = Path(spider_dir)
+    path = path if path.is_file() else path / "tables.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --spider-dir must be the Spider folder with tables.json")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        databases = {entry["db_id"]: entry for entry in entries}
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise ValueError(
+            f"{path} is not a Spider tables.json (a list of databases with db_id): {err}"
+        ) from None
+    schemas: dict[str, str] = {}
+
+    def format_spider(row: Mapping[str, Any]) -> tuple[str, str]:
+        db_id = row["db_id"]
+        if db_id not in schemas:
+            if db_id not in databases:
+                raise ValueError(f"db_id {db_id!r} is not in {path}")
+            try:
+                schemas[db_id] = render_spider_schema(databases[db_id])
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise ValueError(f"database {db_id!r} in {path} is malformed: {err!r}") from err
+        prompt = f"-- Database: {db_id}\n{schemas[db_id]}\n-- Question: {row['question']}\n-- SQL:\n"
+        return prompt, str(row["query"])
+
+    return format_spider
+
+
+register_task(
+    TaskSpec(
+        name="gsm8k",
+        hub_path="openai/gsm8k",
+        hub_config="main",
+        default_split="train",
+        required_fields=("question", "answer"),
+        format=format_gsm8k,
+        description="Grade-school math word problems; completion is the worked answer ending in '#### N'.",
+    )
+)
+register_task(
+    TaskSpec(
+        name="hellaswag",
+        hub_path="Rowan/hellaswag",
+        hub_config=None,
+        default_split="train",
+        required_fields=("endings", "label"),
+        format=format_hellaswag,
+        description="Commonsense sentence completion; completion is the correct ending.",
+    )
+)
+register_task(
+    TaskSpec(
+        name="spider",
+        hub_path="xlangai/spider",
+        hub_config=None,
+        default_split="train",
+        required_fields=("db_id", "question", "query"),
+        format=_spider_needs_dir,
+        description="Text-to-SQL; prompt holds the database schema (from --spider-dir) and the question.",
+        configure=_spider_formatter,
+        resource_file="tables.json",
+    )
+)
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+
+def _select(n: int, subsample: float | None, max_examples: int | None, seed: int) -> list[int]:
+    """Indices kept by ``subsample`` (seeded, original order) and then ``max_examples``."""
+    indices = np.arange(n)
+    if subsample is not None and subsample < 1:
+        size = max(1, round(subsample * n))
+        indices = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    if max_examples is not None:
+        indices = indices[:max_examples]
+    return [int(i) for i in indices]
+
+
+def _format_rows(
+    rows: Iterable[Mapping[str, Any]], indices: list[int], origin: str, spec: TaskSpec, fmt: RowFormatter
+) -> list[Example]:
+    examples = []
+    for index, row in zip(indices, rows, strict=True):
+        for field in spec.required_fields:
+            if row.get(field) is None:
+                raise ValueError(
+                    f"{origin} row {index}: missing field {field!r} "
+                    f"(task {spec.name} needs {', '.join(spec.required_fields)})"
+                )
+        try:
+            prompt, completion = fmt(row)
+        except (ValueError, KeyError) as err:
+            detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{origin} row {index}: {detail}") from err
+        examples.append(Example(prompt, completion, f"{origin}:{index}"))
+    return examples
+
+
+def _single_file_split(split: str, path: Path) -> str:
+    return f"--split {split} needs a hub task or a dataset directory; {path} is a single file"
+
+
+def _load_task_rows(spec: TaskSpec, path: Path | None, split: str | None) -> tuple[Any, str]:
+    """The ``datasets.Dataset`` of a task (hub, local file or local directory) and its origin label."""
+    import datasets
+
+    if path is None:
+        split = split or spec.default_split
+        origin = f"{spec.hub_path}[{split}]"
+        try:
+            return datasets.load_dataset(spec.hub_path, spec.hub_config, split=split), origin
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"could not load {origin} from the Hugging Face hub: {err}. Without hub access, download the "
+                f"data and pass {spec.name}:PATH (a .jsonl/.json/.parquet/.csv file or a dataset directory)"
+            ) from err
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (from --data {spec.name}:{path})")
+    if path.is_dir():
+        split = split or spec.default_split
+        origin = f"{path}[{split}]"
+        try:
+            return datasets.load_dataset(str(path), split=split), origin
+        except ValueError as err:
+            raise ValueError(f"could not load split {split!r} from {path}: {err}") from err
+    if split is not None:
+        raise ValueError(_single_file_split(split, path))
+    builder = LOCAL_FORMATS.get(path.suffix.lower())
+    if builder is None:
+        formats = ", ".join(LOCAL_FORMATS)
+        raise ValueError(f"{path}: unsupported file type; use one of {formats} or a dataset directory")
+    size = path.stat().st_size
+    if size == 0 or (builder == "json" and size < 4096 and not path.read_text(encoding="utf-8").strip()):
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return datasets.load_dataset(builder, data_files=str(path), split="train"), str(path)
+
+
+def _load_task(
+    spec: TaskSpec,
+    path: Path | None,
+    split: str | None,
+    resource_dir: str | None,
+    subsample: float | None,
+    max_examples: int | None,
+    seed: int,
+) -> list[Example]:
+    if resource_dir is None and path is not None and spec.resource_file is not None:
+        folder = path if path.is_dir() else path.parent
+        if (folder / spec.resource_file).is_file():
+            resource_dir = str(folder)
+    fmt = spec.formatter(resource_dir)
+    dataset, origin = _load_task_rows(spec, path, split)
+    if len(dataset) == 0:
+        raise ValueError(f"{origin}: no examples")
+    for field in spec.required_fields:
+        if field not in dataset.column_names:
+            raise ValueError(
+                f"{origin} row 0: missing field {field!r} "
+                f"(no row has it; columns: {', '.join(dataset.column_names)})"
+            )
+    indices = _select(len(dataset), subsample, max_examples, seed)
+    return _format_rows(dataset.select(indices), indices, origin, spec, fmt)
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Generic calibration JSONL: one object per line with ``text`` or ``prompt`` + ``completion``."""
+    path = Path(path)
+    examples = []
+    accepted = "each line needs 'text', or 'prompt' and 'completion' (strings)"
+    with path.open(encoding="utf-8-sig") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}; {accepted}")
+            has_text = "text" in obj
+            has_pair = "prompt" in obj or "completion" in obj
+            if has_text and has_pair:
+                raise ValueError(f"{where}: has both 'text' and 'prompt'/'completion'; {accepted}")
+            if has_text:
+                prompt, completion = "", obj["text"]
+            elif "prompt" in obj and "completion" in obj:
+                prompt, completion = obj["prompt"], obj["completion"]
+            else:
+                missing = "'completion'" if "prompt" in obj else "'prompt'" if has_pair else "'text'"
+                found = ", ".join(obj) or "none"
+                raise ValueError(f"{where}: missing field {missing}; {accepted} (found: {found})")
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise ValueError(f"{where}: fields must be strings; {accepted}")
+            examples.append(Example(prompt, completion, where))
+    return examples
+
+
+def load_examples(
+    data: str,
+    *,
+    split: str | None = None,
+    max_examples: int | None = None,
+    subsample: float | None = None,
+    seed: int = 0,
+    spider_dir: str | None = None,
+) -> list[Example]:
+    """Calibration examples from a task name (hub), ``TASK:PATH`` (local files in the hub schema) or a
+    generic local ``.jsonl``; ``subsample`` keeps a seeded share (in original order), then ``max_examples``
+    the first N."""
+    if subsample is not None and not 0 < subsample <= 1:
+        raise ValueError(f"--subsample must be in (0, 1], got {subsample}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"--max-examples must be >= 1, got {max_examples}")
+    if data in TASKS:
+        return _load_task(TASKS[data], None, split, spider_dir, subsample, max_examples, seed)
+    name, sep, rest = data.partition(":")
+    if sep and name in TASKS and rest:
+        return _load_task(TASKS[name], Path(rest), split, spider_dir, subsample, max_examples, seed)
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        if split is not None:
+            raise ValueError(_single_file_split(split, path))
+        examples = read_jsonl(path)
+        if not examples:
+            raise ValueError(f"{path}: no examples (the file is empty)")
+        return [examples[i] for i in _select(len(examples), subsample, max_examples, seed)]
+    if path.exists():
+        raise ValueError(
+            f"{path}: generic local data must be a .jsonl file with 'text' or 'prompt'+'completion' per "
+            f"line; for a task's files in its hub schema pass TASK:PATH (tasks: {', '.join(sorted(TASKS))})"
+        )
+    raise ValueError(
+        f"--data {data!r} is neither a registered task ({', '.join(sorted(TASKS))}), TASK:PATH, nor an "
+        "existing local .jsonl file ('text' or 'prompt'+'completion' per line)"
+    )

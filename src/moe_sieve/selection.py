@@ -1,0 +1,330 @@
+"""Which routed experts get LoRA adapters (paper §4, §6, App. C), and the selection file that records it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._io import atomic_write_json, ensure_writable
+from ._version import __version__
+from .stats import KLike, check_layer_ids, resolve_k, resolve_per_layer_k, to_numpy, topk_order
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+SELECTION_FORMAT_VERSION = 1
+STRATEGIES = ("topk", "random", "greedy", "coverage")
+RANK_BY = ("count", "mass")
+_REQUIRED_KEYS = ("format_version", "num_experts", "strategy", "layers")
+
+
+@dataclass
+class Selection:
+    """Expert ids per MoE decoder layer, plus how they were chosen and from what profile.
+
+    ``experts`` maps a decoder-layer id to its sorted, distinct expert ids; construction normalises and
+    checks that, so a loaded or hand-made selection obeys the same invariants as a computed one.
+    """
+
+    experts: dict[int, list[int]]
+    num_experts: int
+    strategy: str
+    params: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = SELECTION_FORMAT_VERSION
+    tool_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if int(self.num_experts) < 1:
+            raise ValueError(f"num_experts must be at least 1, got {self.num_experts!r}")
+        self.num_experts = int(self.num_experts)
+        experts: dict[int, list[int]] = {}
+        for layer, ids in self.experts.items():
+            try:
+                layer_id = int(layer)
+                ids = [int(e) for e in ids]
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"layer {layer!r}: layer and expert ids must be integers ({err})") from None
+            if layer_id in experts:
+                raise ValueError(f"layer {layer_id} appears twice")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"layer {layer_id}: repeated expert ids {ids}")
+            bad = [e for e in ids if not 0 <= e < self.num_experts]
+            if bad:
+                raise ValueError(f"layer {layer_id}: expert ids {bad} outside [0, {self.num_experts})")
+            experts[layer_id] = sorted(ids)
+        self.experts = dict(sorted(experts.items()))
+
+    @property
+    def per_layer_k(self) -> dict[int, int]:
+        return {layer: len(ids) for layer, ids in self.experts.items()}
+
+    @property
+    def total_slots(self) -> int:
+        """Expert-layer pairs that get an adapter: the budget strategies are compared at."""
+        return sum(self.per_layer_k.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "moe-sieve-selection",
+            "format_version": self.format_version,
+            "tool_version": self.tool_version,
+            "strategy": self.strategy,
+            "num_experts": self.num_experts,
+            "num_layers": len(self.experts),
+            "total_slots": self.total_slots,
+            "params": self.params,
+            "source": self.source,
+            "per_layer_k": {str(layer): k for layer, k in self.per_layer_k.items()},
+            "layers": {str(layer): ids for layer, ids in self.experts.items()},
+        }
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write atomically; an existing file is only replaced with ``overwrite``."""
+        path = ensure_writable(path, overwrite)
+        atomic_write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Selection:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"selection file {path} not found; create one with `moe-sieve select`")
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a valid selection file, invalid JSON ({err})") from err
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: not a valid selection file, expected a JSON object")
+        missing = [key for key in _REQUIRED_KEYS if key not in obj]
+        if missing:
+            raise ValueError(f"{path}: not a valid selection file, missing keys {missing}")
+        if obj["format_version"] != SELECTION_FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: unknown selection format_version {obj['format_version']!r} "
+                f"(this moe-sieve {__version__} reads version {SELECTION_FORMAT_VERSION})"
+            )
+        if not isinstance(obj["layers"], dict):
+            raise ValueError(f"{path}: 'layers' must map layer ids to lists of expert ids")
+        try:
+            return cls(
+                experts=obj["layers"],
+                num_experts=obj["num_experts"],
+                strategy=str(obj["strategy"]),
+                params=dict(obj.get("params") or {}),
+                source=dict(obj.get("source") or {}),
+                format_version=int(obj["format_version"]),
+                tool_version=str(obj.get("tool_version", "unknown")),
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: invalid selection ({err})") from err
+
+
+def _scores(scores_LE: Any, name: str = "counts_LE") -> np.ndarray:
+    scores_LE = to_numpy(scores_LE, name, 2)
+    if scores_LE.shape[0] == 0 or scores_LE.shape[1] == 0:
+        raise ValueError(f"{name} of shape {scores_LE.shape} has no layers or no experts")
+    return scores_LE
+
+
+def _take(order_LE: np.ndarray, k_L: np.ndarray, layer_ids: list[int]) -> dict[int, list[int]]:
+    return {layer: sorted(int(e) for e in order_LE[i, : k_L[i]]) for i, layer in enumerate(layer_ids)}
+
+
+def select_topk(scores_LE: Any, k: KLike, layer_ids: Sequence[int] | None = None) -> dict[int, list[int]]:
+    """The k highest-scoring experts of every layer (the MoE-Sieve recipe); ties to the lower id."""
+    scores_LE = _scores(scores_LE, "scores_LE")
+    num_layers, num_experts = scores_LE.shape
+    ids = check_layer_ids(layer_ids, num_layers)
+    return _take(topk_order(scores_LE), resolve_per_layer_k(k, num_layers, num_experts), ids)
+
+
+def select_random(
+    num_layers_or_layer_ids: int | Sequence[int], num_experts: int, k: int, seed: int
+) -> dict[int, list[int]]:
+    """k experts per layer uniformly at random: the control that isolates the routing signal (§6.1)."""
+    if isinstance(num_layers_or_layer_ids, (int, np.integer)):
+        ids = list(range(int(num_layers_or_layer_ids)))
+    else:
+        ids = check_layer_ids(num_layers_or_layer_ids, len(num_layers_or_layer_ids))
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} must lie in [1, {num_experts}]")
+    rng = np.random.default_rng(seed)
+    return {layer: sorted(int(e) for e in rng.choice(num_experts, size=k, replace=False)) for layer in ids}
+
+
+def select_greedy(
+    counts_LE: Any, total_slots: int, min_per_layer: int, layer_ids: Sequence[int] | None = None
+) -> dict[int, list[int]]:
+    """Greedy marginal-coverage allocation of ``total_slots`` expert-layer slots (App. C).
+
+    Every layer starts with its top ``min_per_layer``; each further slot goes to the layer whose next
+    expert adds the most coverage (ties to the lower layer index). Sorted coverage is concave in k, so
+    this maximises the sum of per-layer coverage over all allocations with at least ``min_per_layer`` each.
+    """
+    counts_LE = _scores(counts_LE)
+    num_layers, num_experts = counts_LE.shape
+    ids = check_layer_ids(layer_ids, num_layers)
+    if not 0 <= min_per_layer <= num_experts:
+        raise ValueError(f"min_per_layer={min_per_layer} must lie in [0, {num_experts}] (experts per layer)")
+    lowest, highest = num_layers * min_per_layer, num_layers * num_experts
+    if not lowest <= total_slots <= highest:
+        raise ValueError(
+            f"total_slots={total_slots} must lie in [{lowest}, {highest}]: at least {num_layers} layers x "
+            f"min_per_layer {min_per_layer}, at most {num_layers} layers x {num_experts} experts"
+        )
+    order_LE = topk_order(counts_LE)
+    sorted_LE = np.take_along_axis(counts_LE, order_LE, axis=1)
+    total_L = counts_LE.sum(axis=1)
+    gain_LE = np.divide(sorted_LE, total_L[:, None], out=np.zeros_like(sorted_LE), where=total_L[:, None] > 0)
+    gain_LE = np.concatenate([gain_LE, np.full((num_layers, 1), -np.inf)], axis=1)
+    k_L = np.full(num_layers, min_per_layer, dtype=np.int64)
+    rows = np.arange(num_layers)
+    for _ in range(total_slots - lowest):
+        k_L[int(np.argmax(gain_LE[rows, k_L]))] += 1
+    return _take(order_LE, k_L, ids)
+
+
+def select_coverage(
+    counts_LE: Any, target: float, layer_ids: Sequence[int] | None = None
+) -> dict[int, list[int]]:
+    """Per layer, the fewest top experts whose share of the layer's activations reaches ``target`` (§6.2).
+
+    A layer that routed no tokens gets no experts: nothing says which of them matter.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"coverage target must lie in (0, 1], got {target!r}")
+    counts_LE = _scores(counts_LE)
+    num_layers, _ = counts_LE.shape
+    ids = check_layer_ids(layer_ids, num_layers)
+    order_LE = topk_order(counts_LE)
+    cum_LE = np.cumsum(np.take_along_axis(counts_LE, order_LE, axis=1), axis=1)
+    total_L = cum_LE[:, -1]
+    share_LE = np.divide(cum_LE, total_L[:, None], out=np.zeros_like(cum_LE), where=total_L[:, None] > 0)
+    k_L = np.where(total_L > 0, np.argmax(share_LE >= target - 1e-12, axis=1) + 1, 0)
+    return _take(order_LE, k_L, ids)
+
+
+def make_selection(
+    counts_LE: Any,
+    mass_LE: Any = None,
+    *,
+    strategy: str = "topk",
+    k: int | float | str = "25%",
+    rank_by: str = "count",
+    seed: int = 0,
+    min_per_layer: int | None = None,
+    coverage: float = 0.6,
+    layer_ids: Sequence[int] | None = None,
+    top_k: int | None = None,
+    source: dict[str, Any] | None = None,
+) -> Selection:
+    """Choose experts with one strategy and record every resolved parameter, so the file explains itself.
+
+    Greedy gets the same slot budget as uniform top-k (layers x k) and starts every layer with the model's
+    routing width ``top_k`` when known, else half of k, never more than k.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if rank_by not in RANK_BY:
+        raise ValueError(f"unknown rank_by {rank_by!r}; choose one of {', '.join(RANK_BY)}")
+    counts_LE = _scores(counts_LE)
+    num_layers, num_experts = counts_LE.shape
+    ids = check_layer_ids(layer_ids, num_layers)
+    scores_LE = counts_LE
+    if mass_LE is not None:
+        mass_LE = to_numpy(mass_LE, "mass_LE", 2)
+        if mass_LE.shape != counts_LE.shape:
+            raise ValueError(f"mass_LE {mass_LE.shape} and counts_LE {counts_LE.shape} differ in shape")
+    if rank_by == "mass" and strategy != "random":
+        if mass_LE is None:
+            raise ValueError("rank_by='mass' needs routing mass, but mass_LE is None")
+        scores_LE = mass_LE
+    params: dict[str, Any] = {"strategy": strategy, "rank_by": rank_by}
+    if strategy == "coverage":
+        params["coverage"] = float(coverage)
+        experts = select_coverage(scores_LE, coverage, ids)
+    else:
+        k_int = resolve_k(k, num_experts)
+        k_given = int(k) if isinstance(k, np.integer) else k if isinstance(k, (int, float, str)) else str(k)
+        params.update(k=k_given, k_resolved=k_int)
+        if strategy == "topk":
+            experts = select_topk(scores_LE, k_int, ids)
+        elif strategy == "random":
+            params["seed"] = int(seed)
+            experts = select_random(ids, num_experts, k_int, seed)
+        else:
+            if min_per_layer is None:
+                min_per_layer = min(top_k if top_k is not None else max(1, k_int // 2), k_int)
+            total_slots = num_layers * k_int
+            params.update(min_per_layer=int(min_per_layer), total_slots=total_slots, top_k=top_k)
+            experts = select_greedy(scores_LE, total_slots, int(min_per_layer), ids)
+    return Selection(
+        experts=experts, num_experts=num_experts, strategy=strategy, params=params, source=dict(source or {})
+    )
+
+
+def _compact(ids: Sequence[int]) -> str:
+    """Expert ids as ranges: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    parts: list[str] = []
+    ids = sorted(ids)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def selection_coverage(selection: Selection, counts_LE: Any, layer_ids: Sequence[int] | None = None) -> dict:
+    """Share of each layer's activations that the selected experts receive.
+
+    Rows of ``counts_LE`` belong to ``layer_ids`` when given, else to the selection's layers in order.
+    """
+    counts_LE = to_numpy(counts_LE, "counts_LE", 2)
+    ids = list(selection.experts) if layer_ids is None else check_layer_ids(layer_ids, counts_LE.shape[0])
+    if counts_LE.shape != (len(ids), selection.num_experts) or set(ids) != set(selection.experts):
+        raise ValueError(
+            f"counts_LE of shape {counts_LE.shape} does not fit a selection over layers "
+            f"{list(selection.experts)} x {selection.num_experts} experts"
+        )
+    out = {}
+    for row, layer in enumerate(ids):
+        total = counts_LE[row].sum()
+        chosen = counts_LE[row, selection.experts[layer]].sum()
+        out[layer] = float(chosen / total) if total > 0 else 0.0
+    return out
+
+
+def selection_table(
+    selection: Selection, counts_LE: Any = None, layer_ids: Sequence[int] | None = None
+) -> Table:
+    """A per-layer summary for the terminal: experts chosen and, with counts, the coverage they reach."""
+    from rich.table import Table
+
+    cov = None if counts_LE is None else selection_coverage(selection, counts_LE, layer_ids)
+    table = Table(
+        title=f"Selection ({selection.strategy}): {selection.total_slots} slots over "
+        f"{len(selection.experts)} layers x {selection.num_experts} experts"
+    )
+    table.add_column("layer", justify="right")
+    table.add_column("#experts", justify="right")
+    table.add_column("expert ids")
+    if cov is not None:
+        table.add_column("coverage %", justify="right")
+    for layer, ids in selection.experts.items():
+        row = [str(layer), str(len(ids)), _compact(ids)]
+        if cov is not None:
+            row.append(f"{100 * cov[layer]:.1f}")
+        table.add_row(*row)
+    if cov is not None and cov:
+        table.caption = f"mean coverage {100 * float(np.mean(list(cov.values()))):.1f}%"
+    return table
