@@ -43,7 +43,9 @@ def _reference_counts(model, tokenizer):
     captured = {}
     handles = [
         layer.router.register_forward_hook(
-            lambda m, a, out, pos=pos, n=layer.num_experts: captured.__setitem__(pos, routing_from_tuple(out, n))
+            lambda m, a, out, pos=pos, n=layer.num_experts: captured.__setitem__(
+                pos, routing_from_tuple(out, n)
+            )
         )
         for pos, layer in enumerate(layers)
     ]
