@@ -66,13 +66,10 @@ class DeepseekMoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.experts = nn.ModuleList(
-            DeepseekMLP(config.hidden_size, config.moe_intermediate_size)
-            for _ in range(config.n_routed_experts)
+            DeepseekMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
         )
         self.gate = MoEGate(config)
-        self.shared_experts = DeepseekMLP(
-            config.hidden_size, config.moe_intermediate_size * config.n_shared_experts
-        )
+        self.shared_experts = DeepseekMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
 
     def forward(self, hidden_states):
         identity, shape = hidden_states, hidden_states.shape

@@ -55,9 +55,7 @@ def test_gpt_oss_layout_flags_are_read_from_the_experts_class():
 
 def test_dense_model_is_refused_with_class_name():
     model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-        )
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     )
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*no MoE layer found.*experts"):
         find_moe_layers(model)

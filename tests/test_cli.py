@@ -77,9 +77,7 @@ def test_profile_stats_select_compare_round_trip(monkeypatch, capsys, tmp_path, 
     assert all(matrix[i][i] == pytest.approx(1.0) for i in range(3))
 
 
-def test_cli_errors_are_clear_and_nothing_is_overwritten(
-    monkeypatch, capsys, tmp_path, tiny_model_dir, calib
-):
+def test_cli_errors_are_clear_and_nothing_is_overwritten(monkeypatch, capsys, tmp_path, tiny_model_dir, calib):
     prof = tmp_path / "prof"
     args = ["profile", "--model", tiny_model_dir, "--data", calib, "--device", "cpu", "--out", prof]
     assert run_cli(monkeypatch, capsys, *args)[0] == 0

@@ -104,12 +104,8 @@ def tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
 # --- tasks ------------------------------------------------------------------------------------------------
@@ -139,8 +135,7 @@ def test_gsm8k_from_parquet_and_csv(tmp_path):
     datasets.Dataset.from_list(GSM8K_ROWS).to_parquet(str(tmp_path / "g.parquet"))
     datasets.Dataset.from_list(GSM8K_ROWS).to_csv(str(tmp_path / "g.csv"), index=False)
     expected = [
-        (e.prompt, e.completion)
-        for e in load_examples(f"gsm8k:{write_jsonl(tmp_path / 'g.jsonl', GSM8K_ROWS)}")
+        (e.prompt, e.completion) for e in load_examples(f"gsm8k:{write_jsonl(tmp_path / 'g.jsonl', GSM8K_ROWS)}")
     ]
     for name in ("g.parquet", "g.csv"):
         assert [(e.prompt, e.completion) for e in load_examples(f"gsm8k:{tmp_path / name}")] == expected
@@ -198,15 +193,11 @@ def test_spider_formatting(tmp_path):
         f"-- Database: concert_singer\n{CONCERT_SCHEMA}\n-- Question: How many stadiums are there?\n-- SQL:\n"
     )
     assert first.completion == "SELECT count(*) FROM stadium"
-    assert second.prompt.startswith(
-        '-- Database: pets\nCREATE TABLE Pets (PetID number, "pet age" number);\n'
-    )
+    assert second.prompt.startswith('-- Database: pets\nCREATE TABLE Pets (PetID number, "pet age" number);\n')
 
     # Spider's release keeps tables.json next to its rows: found without spider_dir.
     write_jsonl(spider_dir / "train.jsonl", SPIDER_ROWS)
-    assert load_examples(f"spider:{spider_dir}")[0] == Example(
-        first.prompt, first.completion, f"{spider_dir}[train]:0"
-    )
+    assert load_examples(f"spider:{spider_dir}")[0] == Example(first.prompt, first.completion, f"{spider_dir}[train]:0")
 
     with pytest.raises(ValueError, match="--spider-dir"):
         load_examples(f"spider:{rows}")
@@ -214,9 +205,7 @@ def test_spider_formatting(tmp_path):
         load_examples("spider")
     with pytest.raises(FileNotFoundError, match="tables.json"):
         load_examples(f"spider:{rows}", spider_dir=str(tmp_path))
-    unknown = write_jsonl(
-        tmp_path / "unknown.jsonl", [SPIDER_ROWS[0], {**SPIDER_ROWS[1], "db_id": "flights"}]
-    )
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [SPIDER_ROWS[0], {**SPIDER_ROWS[1], "db_id": "flights"}])
     with pytest.raises(ValueError, match=r"unknown.jsonl row 1: db_id 'flights' is not in .*tables.json"):
         load_examples(f"spider:{unknown}", spider_dir=str(spider_dir))
 
@@ -268,9 +257,7 @@ def test_generic_jsonl_errors(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:3: invalid JSON"):
         load_examples(str(bad_json))
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "ok"}, {"prompt": "only a prompt"}])
-    with pytest.raises(
-        ValueError, match=r"wrong.jsonl:2: missing field 'completion'.*'text', or 'prompt' and"
-    ):
+    with pytest.raises(ValueError, match=r"wrong.jsonl:2: missing field 'completion'.*'text', or 'prompt' and"):
         load_examples(str(wrong))
     other = write_jsonl(tmp_path / "other.jsonl", [{"body": "x"}])
     with pytest.raises(ValueError, match=r"other.jsonl:1: missing field 'text'.*found: body"):
@@ -311,9 +298,7 @@ def test_subsample_and_max_examples(tmp_path):
     task = write_jsonl(tmp_path / "g.jsonl", GSM8K_ROWS * 10)
     plain30 = write_jsonl(tmp_path / "p.jsonl", [{"text": f"row {i}"} for i in range(30)])
     picked = load_examples(f"gsm8k:{task}", subsample=0.2, seed=3)
-    assert [int(e.source.rsplit(":", 1)[1]) for e in picked] == rows(
-        load_examples(str(plain30), subsample=0.2, seed=3)
-    )
+    assert [int(e.source.rsplit(":", 1)[1]) for e in picked] == rows(load_examples(str(plain30), subsample=0.2, seed=3))
     assert [e.prompt for e in picked] == [
         f"Question: {GSM8K_ROWS[i % 3]['question']}\nAnswer:"
         for i in rows(load_examples(str(plain30), subsample=0.2, seed=3))
@@ -403,9 +388,7 @@ def test_make_batches_padding_and_order(tokenizer):
 
 
 def test_count_tokens_selecting_nothing(tokenizer):
-    plain = [
-        tokenize_example(Example("", t, f"m:{i}"), tokenizer, None) for i, t in enumerate(["one", "two"])
-    ]
+    plain = [tokenize_example(Example("", t, f"m:{i}"), tokenizer, None) for i, t in enumerate(["one", "two"])]
     with pytest.raises(ValueError, match="--count-tokens prompt.*plain-text"):
         make_batches(plain, batch_size=2, pad_token_id=0, count_tokens="prompt")
     prompts_only = [TokenizedExample([1, 2], [False, False], "m:0")]

@@ -43,9 +43,7 @@ def _reference_counts(model, tokenizer):
     captured = {}
     handles = [
         layer.router.register_forward_hook(
-            lambda m, a, out, pos=pos, n=layer.num_experts: captured.__setitem__(
-                pos, routing_from_tuple(out, n)
-            )
+            lambda m, a, out, pos=pos, n=layer.num_experts: captured.__setitem__(pos, routing_from_tuple(out, n))
         )
         for pos, layer in enumerate(layers)
     ]
@@ -75,9 +73,7 @@ def test_counts_match_router_reference_and_sum_to_tokens_times_topk(tiny_family,
     np.testing.assert_allclose(profile.example_mass_NLE, ref_mass, rtol=1e-4, atol=1e-5)
     tokens = sum(len(t.input_ids) for t in _tokenized(byte_tokenizer))
     assert profile.tokens == tokens
-    np.testing.assert_array_equal(
-        profile.counts_LE.sum(1), np.full(len(profile.layer_ids), tokens * profile.top_k)
-    )
+    np.testing.assert_array_equal(profile.counts_LE.sum(1), np.full(len(profile.layer_ids), tokens * profile.top_k))
 
 
 def test_padding_invariance(tiny_family, byte_tokenizer):

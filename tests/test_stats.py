@@ -62,9 +62,7 @@ def test_normalized_entropy_hand_computed():
     bits = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
     np.testing.assert_allclose(normalized_entropy([[6, 2, 0, 0]]), [bits / 2], rtol=1e-12)
     assert bits / 2 == pytest.approx(0.4056390622, abs=1e-9)
-    np.testing.assert_allclose(
-        normalized_entropy([[1, 1, 1, 1], [0, 5, 0, 0], [0, 0, 0, 0]]), [1.0, 0.0, 0.0]
-    )
+    np.testing.assert_allclose(normalized_entropy([[1, 1, 1, 1], [0, 5, 0, 0], [0, 0, 0, 0]]), [1.0, 0.0, 0.0])
 
 
 def test_topk_sets_break_ties_by_lower_id():
@@ -181,9 +179,7 @@ def test_resolve_k(k, num_experts, expected):
     assert resolve_k(k, num_experts) == expected
 
 
-@pytest.mark.parametrize(
-    "k", [0, 65, -1, "0", "65", "abc", "", "0%", "150%", "-5%", 1.0, 1.5, -0.2, True, None]
-)
+@pytest.mark.parametrize("k", [0, 65, -1, "0", "65", "abc", "", "0%", "150%", "-5%", 1.0, 1.5, -0.2, True, None])
 def test_resolve_k_rejects(k):
     with pytest.raises(ValueError) as err:
         resolve_k(k, 64)

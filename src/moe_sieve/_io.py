@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,3 +57,29 @@ def fingerprint(obj: Any) -> str:
     """Short stable hash of a JSON-serialisable object."""
     payload = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``path`` only when the block succeeds.
+
+    An existing ``path`` is kept unless ``overwrite``; even then it is swapped out only after the new
+    content is complete, so a crash never leaves a half-written artifact that loads.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ArtifactExistsError(f"{path} already exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -56,9 +56,7 @@ def profile(
     out: Annotated[Path, typer.Option("--out", "-o", help="Profile directory to write.")],
     model: ModelOpt = DEFAULT_MODEL,
     data: DataOpt = "gsm8k",
-    split: Annotated[
-        str | None, typer.Option(help="Dataset split (the task's training split by default).")
-    ] = None,
+    split: Annotated[str | None, typer.Option(help="Dataset split (the task's training split by default).")] = None,
     max_examples: Annotated[int | None, typer.Option(help="Keep at most this many examples.")] = None,
     subsample: Annotated[
         float | None, typer.Option(help="Profile a seeded random share of the examples, e.g. 0.1.")
@@ -70,13 +68,9 @@ def profile(
     spider_dir: Annotated[
         str | None, typer.Option(help="Spider directory holding tables.json (for --data spider).")
     ] = None,
-    dtype: Annotated[
-        str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32.")
-    ] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    device_map: Annotated[
-        str | None, typer.Option(help="Shard a large model with accelerate, e.g. 'auto'.")
-    ] = None,
+    device_map: Annotated[str | None, typer.Option(help="Shard a large model with accelerate, e.g. 'auto'.")] = None,
     experts_implementation: Annotated[
         str | None, typer.Option(help="transformers experts backend (eager, batched_mm, grouped_mm).")
     ] = None,
@@ -237,11 +231,7 @@ def compare(
     names = [name for name, _ in named]
     matrix = [[selection_jaccard(a, b) for _, b in named] for _, a in named]
     if as_json:
-        print(
-            json.dumps(
-                {"names": names, "paths": [str(p) for p in paths], "k": k, "jaccard": matrix}, indent=2
-            )
-        )
+        print(json.dumps({"names": names, "paths": [str(p) for p in paths], "k": k, "jaccard": matrix}, indent=2))
         return
     table = Table(title=f"Top-k Jaccard (k = {k}, ranked by {rank_by})")
     table.add_column("")
@@ -260,9 +250,7 @@ def select(
         str, typer.Option(help="topk (the recipe), random (control), greedy (App. C), coverage (threshold).")
     ] = "topk",
     k: KOpt = "25%",
-    rank_by: Annotated[
-        str, typer.Option(help="Rank experts by routed-token count or by routing mass.")
-    ] = "count",
+    rank_by: Annotated[str, typer.Option(help="Rank experts by routed-token count or by routing mass.")] = "count",
     seed: Annotated[int, typer.Option(help="Seed of --strategy random.")] = 0,
     min_per_layer: Annotated[
         int | None, typer.Option(help="Greedy: experts every layer starts with (default: the model's top-k).")
@@ -304,11 +292,77 @@ def select(
     )
 
 
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+@app.command()
+def plan(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Hub id, model directory, or a config.json file.")
+    ] = DEFAULT_MODEL,
+    k: KOpt = "25%",
+    r: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 64.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the repository's own config code.")] = False,
+) -> None:
+    """Trainable parameters, checkpoint size and optimizer memory of full LoRA vs the hot-k budget,
+    computed on the meta device (no weights are loaded, no profile is needed)."""
+    from .adapters import SieveLoraConfig, plan_adapters
+
+    result = plan_adapters(model, k=k, lora=SieveLoraConfig(r=r, alpha=alpha), trust_remote_code=trust_remote_code)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{result['model']}: LoRA r={r}, alpha={alpha:g}, hot {result['k']}/{result['num_experts']}")
+    for column in ("", "trainable params", "fp32 checkpoint", "AdamW state"):
+        table.add_column(column, justify="right")
+    for name, key in (("full LoRA", "full"), (f"sieve hot-{result['k']}", "sieve")):
+        table.add_row(
+            name,
+            f"{result[f'{key}_params'] / 1e6:,.1f}M",
+            _gb(result[f"{key}_bytes"]),
+            _gb(result[f"{key}_optimizer_bytes"]),
+        )
+    console.print(table)
+    console.print(f"reduction [bold]{100 * result['reduction']:.1f}%[/] of LoRA trainable parameters")
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory (adapter.safetensors + adapter_config.json).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged checkpoint.")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model (default: the one named in the adapter).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Load/save dtype (auto: the checkpoint's own on CPU is fp32).")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Fold the adapter into the base weights and write a plain transformers checkpoint."""
+    from ._io import atomic_dir
+    from .adapters import load_sieve_adapter, merge_sieve_lora, read_adapter_config
+    from .modeling import ModelSpec, load_model, load_tokenizer
+
+    base = model or read_adapter_config(adapter)["base_model"]["id"]
+    if not base:
+        _fail(f"{adapter}: the adapter names no base model; pass --model")
+    spec = ModelSpec(model=base, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    with atomic_dir(out, overwrite) as tmp:
+        merged = load_model(spec)
+        load_sieve_adapter(merged, adapter)
+        merge_sieve_lora(merged).save_pretrained(tmp)
+        try:
+            load_tokenizer(spec).save_pretrained(tmp)
+        except (OSError, ValueError):
+            err_console.print(f"[yellow]no tokenizer found for {base}; wrote the model only[/]")
+    console.print(f"[green]merged checkpoint written[/] to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the demo's artifacts.")] = Path(
-        "runs/demo"
-    ),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the demo's artifacts.")] = Path("runs/demo"),
     overwrite: Annotated[bool, typer.Option(help="Replace earlier demo artifacts.")] = False,
 ) -> None:
     """Profile -> stats -> select on the built-in tiny random OLMoE and a generated mixed-domain corpus."""

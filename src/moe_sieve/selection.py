@@ -191,9 +191,7 @@ def select_greedy(
     return _take(order_LE, k_L, ids)
 
 
-def select_coverage(
-    counts_LE: Any, target: float, layer_ids: Sequence[int] | None = None
-) -> dict[int, list[int]]:
+def select_coverage(counts_LE: Any, target: float, layer_ids: Sequence[int] | None = None) -> dict[int, list[int]]:
     """Per layer, the fewest top experts whose share of the layer's activations reaches ``target`` (§6.2).
 
     A layer that routed no tokens gets no experts: nothing says which of them matter.
@@ -304,9 +302,7 @@ def selection_coverage(selection: Selection, counts_LE: Any, layer_ids: Sequence
     return out
 
 
-def selection_table(
-    selection: Selection, counts_LE: Any = None, layer_ids: Sequence[int] | None = None
-) -> Table:
+def selection_table(selection: Selection, counts_LE: Any = None, layer_ids: Sequence[int] | None = None) -> Table:
     """A per-layer summary for the terminal: experts chosen and, with counts, the coverage they reach."""
     from rich.table import Table
 

@@ -128,9 +128,7 @@ def count_mass_jaccard(counts_LE: Any, mass_LE: Any, k: KLike) -> np.ndarray:
     return np.array([jaccard(a, b) for a, b in zip(by_count, by_mass, strict=True)])
 
 
-def selection_jaccard(
-    experts_a: Mapping[int, Sequence[int]], experts_b: Mapping[int, Sequence[int]]
-) -> float:
+def selection_jaccard(experts_a: Mapping[int, Sequence[int]], experts_b: Mapping[int, Sequence[int]]) -> float:
     """Mean per-layer Jaccard of two selections over the same MoE layers (e.g. two tasks' hot sets)."""
     layers_a, layers_b = {int(i) for i in experts_a}, {int(i) for i in experts_b}
     if layers_a != layers_b:
@@ -186,9 +184,7 @@ def subsample_stability(
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials!r}")
     k_L = resolve_per_layer_k(k, num_layers, num_experts)
-    reference_LE = (
-        example_counts_NLE.sum(axis=0) if rank_by_LE is None else to_numpy(rank_by_LE, "rank_by_LE", 2)
-    )
+    reference_LE = example_counts_NLE.sum(axis=0) if rank_by_LE is None else to_numpy(rank_by_LE, "rank_by_LE", 2)
     if reference_LE.shape != (num_layers, num_experts):
         raise ValueError(f"rank_by_LE has shape {reference_LE.shape}, expected {(num_layers, num_experts)}")
     reference = topk_sets(reference_LE, k_L)
@@ -253,9 +249,7 @@ def resolve_k(k: int | float | str, num_experts: int) -> int:
             count = max(1, math.floor(share * num_experts + 0.5 + 1e-9))
     assert count is not None
     if not 1 <= count <= num_experts:
-        raise ValueError(
-            f"invalid k={k!r}: must select between 1 and {num_experts} experts; k must be {_K_HELP}"
-        )
+        raise ValueError(f"invalid k={k!r}: must select between 1 and {num_experts} experts; k must be {_K_HELP}")
     return count
 
 

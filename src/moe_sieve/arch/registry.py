@@ -61,7 +61,7 @@ class ArchSpec:
     router_attrs: tuple[str, ...] = ("gate", "router")
     shared_attrs: tuple[str, ...] = ("shared_expert", "shared_experts", "shared_expert_gate")
     attention_attrs: tuple[str, ...] = ("self_attn",)
-    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mlp_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "moe_topk", "top_k")
     routing_from_router: RoutingExtractor | None = None
@@ -154,9 +154,7 @@ GENERIC = ArchSpec(
 
 for _spec in (
     ArchSpec("olmoe", ("olmoe", "flex_olmo"), description="OLMoE: fused experts, no shared experts"),
-    ArchSpec(
-        "qwen2_moe", ("qwen2_moe",), description="Qwen1.5/Qwen2-MoE: fused experts, gated shared expert"
-    ),
+    ArchSpec("qwen2_moe", ("qwen2_moe",), description="Qwen1.5/Qwen2-MoE: fused experts, gated shared expert"),
     ArchSpec("qwen3_moe", ("qwen3_moe",), description="Qwen3-MoE: fused experts, no shared experts"),
     ArchSpec("mixtral", ("mixtral",), description="Mixtral: fused experts, no shared experts"),
     ArchSpec(
@@ -236,28 +234,20 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
             continue
         prefix = f"{name}." if name else ""
         layout = _expert_layout(experts)
-        router_attr = next(
-            (a for a in spec.router_attrs if isinstance(getattr(block, a, None), nn.Module)), None
-        )
+        router_attr = next((a for a in spec.router_attrs if isinstance(getattr(block, a, None), nn.Module)), None)
         if layout is None or router_attr is None:
-            missing = (
-                "a router (" + "/".join(spec.router_attrs) + ")" if layout else "fused 3D expert weights"
-            )
+            missing = "a router (" + "/".join(spec.router_attrs) + ")" if layout else "fused 3D expert weights"
             near_misses.append(f"{prefix}{spec.experts_attr} has no {missing}")
             continue
         router = getattr(block, router_attr)
-        num_experts = (
-            len(experts) if layout.storage == "module_list" else int(getattr(experts, "num_experts", 0) or 0)
-        )
+        num_experts = len(experts) if layout.storage == "module_list" else int(getattr(experts, "num_experts", 0) or 0)
         num_experts = num_experts or getattr(router, "num_experts", None) or cfg_experts
         top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None) or cfg_top_k
         if not num_experts or not top_k:
             near_misses.append(f"{prefix}{spec.experts_attr}: cannot tell the number of experts or top-k")
             continue
         match = _LAYER_INDEX.search(name)
-        shared = {
-            a: getattr(block, a) for a in spec.shared_attrs if isinstance(getattr(block, a, None), nn.Module)
-        }
+        shared = {a: getattr(block, a) for a in spec.shared_attrs if isinstance(getattr(block, a, None), nn.Module)}
         layers.append(
             MoELayer(
                 layer_id=int(match.group(1)) if match else len(layers),
@@ -287,8 +277,7 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
         raise UnsupportedModelError(f"{type(model).__name__}: two MoE blocks map to the same layer index")
     if layers[0].layout.storage == "module_list" and spec.routing_from_router is None:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: ModuleList experts need ArchSpec.routing_from_router "
-            f"(spec {spec.name!r})"
+            f"{type(model).__name__}: ModuleList experts need ArchSpec.routing_from_router (spec {spec.name!r})"
         )
     return layers
 

@@ -133,9 +133,7 @@ def render_spider_schema(db: Mapping[str, Any]) -> str:
         dst_table, dst_col = columns[dst]
         target = f"{_sql_name(tables[dst_table])}({_sql_name(dst_col)})"
         body[src_table].append(f"FOREIGN KEY ({_sql_name(src_col)}) REFERENCES {target}")
-    return "\n".join(
-        f"CREATE TABLE {_sql_name(t)} ({', '.join(cols)});" for t, cols in zip(tables, body, strict=True)
-    )
+    return "\n".join(f"CREATE TABLE {_sql_name(t)} ({', '.join(cols)});" for t, cols in zip(tables, body, strict=True))
 
 
 def _spider_formatter(spider_dir: str | None) -> RowFormatter:
@@ -152,9 +150,7 @@ def _spider_formatter(spider_dir: str | None) -> RowFormatter:
         entries = json.loads(path.read_text(encoding="utf-8"))
         databases = {entry["db_id"]: entry for entry in entries}
     except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise ValueError(
-            f"{path} is not a Spider tables.json (a list of databases with db_id): {err}"
-        ) from None
+        raise ValueError(f"{path} is not a Spider tables.json (a list of databases with db_id): {err}") from None
     schemas: dict[str, str] = {}
 
     def format_spider(row: Mapping[str, Any]) -> tuple[str, str]:
@@ -302,8 +298,7 @@ def _load_task(
     for field in spec.required_fields:
         if field not in dataset.column_names:
             raise ValueError(
-                f"{origin} row 0: missing field {field!r} "
-                f"(no row has it; columns: {', '.join(dataset.column_names)})"
+                f"{origin} row 0: missing field {field!r} (no row has it; columns: {', '.join(dataset.column_names)})"
             )
     indices = _select(len(dataset), subsample, max_examples, seed)
     return _format_rows(dataset.select(indices), indices, origin, spec, fmt)

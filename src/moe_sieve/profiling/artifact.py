@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import ArtifactExistsError, fingerprint
+from .._io import atomic_dir, fingerprint
 from .._version import __version__
 from ..arch import MoEShape
 
@@ -100,9 +98,7 @@ class Profile:
             problems.append(f"top-k {self.top_k} vs {shape.top_k}")
         if problems:
             source = self.metadata.get("model", {}).get("id", "?")
-            raise ProfileMismatchError(
-                f"profile made on {source!r} does not fit this {what}: " + "; ".join(problems)
-            )
+            raise ProfileMismatchError(f"profile made on {source!r} does not fit this {what}: " + "; ".join(problems))
         if config_fingerprint and self.model_fingerprint and config_fingerprint != self.model_fingerprint:
             warnings.warn(
                 "profile was made on a model with the same routing geometry but a different config "
@@ -112,25 +108,14 @@ class Profile:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the profile directory atomically: a crash leaves no half-written profile behind."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise ArtifactExistsError(f"{path} already exists; pass --overwrite to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path, overwrite) as tmp:
             save_file(
                 {
                     "counts": torch.from_numpy(np.ascontiguousarray(self.counts_LE, dtype=np.int64)),
                     "mass": torch.from_numpy(np.ascontiguousarray(self.mass_LE, dtype=np.float32)),
-                    "example_counts": torch.from_numpy(
-                        np.ascontiguousarray(self.example_counts_NLE, dtype=np.int32)
-                    ),
-                    "example_mass": torch.from_numpy(
-                        np.ascontiguousarray(self.example_mass_NLE, dtype=np.float32)
-                    ),
-                    "example_tokens": torch.from_numpy(
-                        np.ascontiguousarray(self.example_tokens_N, dtype=np.int64)
-                    ),
+                    "example_counts": torch.from_numpy(np.ascontiguousarray(self.example_counts_NLE, dtype=np.int32)),
+                    "example_mass": torch.from_numpy(np.ascontiguousarray(self.example_mass_NLE, dtype=np.float32)),
+                    "example_tokens": torch.from_numpy(np.ascontiguousarray(self.example_tokens_N, dtype=np.int64)),
                     "layer_ids": torch.tensor(self.layer_ids, dtype=torch.int64),
                 },
                 str(tmp / TENSORS_FILE),
@@ -150,18 +135,8 @@ class Profile:
                 "fingerprint": self.fingerprint,
             }
             (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.metadata = meta
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:

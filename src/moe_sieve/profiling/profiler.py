@@ -164,9 +164,7 @@ def profile_model(
     )
 
 
-def run_profile(
-    config: ProfileConfig, *, model: Any = None, tokenizer: Any = None, progress: bool = True
-) -> Profile:
+def run_profile(config: ProfileConfig, *, model: Any = None, tokenizer: Any = None, progress: bool = True) -> Profile:
     """Load model, tokenizer and calibration data as ``config`` says, then profile."""
     from ..data.calibration import make_batches, pad_token_id_for, tokenize_example
     from ..data.tasks import load_examples

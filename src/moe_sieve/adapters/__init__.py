@@ -1,0 +1,26 @@
+"""Sieve LoRA: adapters on attention, routers, shared experts and the selected routed experts only."""
+
+from .attach import AdapterMissingError, SieveState, apply_sieve_lora, trainable_parameters, verify_adapters
+from .config import SieveLoraConfig
+from .experts import ExpertLoRA, sieve_lora_experts_forward
+from .io import load_sieve_adapter, merge_sieve_lora, read_adapter_config, save_sieve_adapter
+from .lora import LoraLinear, LoraWeightDelta
+from .plan import plan_adapters
+
+__all__ = [
+    "AdapterMissingError",
+    "ExpertLoRA",
+    "LoraLinear",
+    "LoraWeightDelta",
+    "SieveLoraConfig",
+    "SieveState",
+    "apply_sieve_lora",
+    "load_sieve_adapter",
+    "merge_sieve_lora",
+    "plan_adapters",
+    "read_adapter_config",
+    "save_sieve_adapter",
+    "sieve_lora_experts_forward",
+    "trainable_parameters",
+    "verify_adapters",
+]

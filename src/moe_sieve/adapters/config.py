@@ -1,0 +1,60 @@
+"""Typed LoRA configuration for Sieve adapters (defaults follow the paper, §5.1)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ModuleGroup = Literal["attention", "router", "shared", "experts"]
+ALL_GROUPS: tuple[str, ...] = ("attention", "router", "shared", "experts")
+ExpertsMode = Literal["selected", "all", "none"]
+
+
+@dataclass
+class SieveLoraConfig:
+    """Which modules get LoRA and how.
+
+    ``experts="selected"`` is MoE-Sieve (adapters on the selection only), ``"all"`` is the full-LoRA
+    baseline, ``"none"`` adapts no routed expert. Attention, router and shared experts are adapted in
+    every condition unless removed from ``targets``, so conditions differ only in the routed experts.
+    """
+
+    r: int = field(default=32, metadata={"help": "LoRA rank."})
+    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    dropout: float = field(
+        default=0.05,
+        metadata={"help": "Dropout on the LoRA input (not on routers, whose update is applied to the weight)."},
+    )
+    targets: tuple[str, ...] = field(
+        default=ALL_GROUPS, metadata={"help": "Module groups to adapt: attention, router, shared, experts."}
+    )
+    experts: str = field(default="selected", metadata={"help": "Routed experts to adapt: selected, all, none."})
+    seed: int | None = field(default=None, metadata={"help": "Seed for the LoRA A initialisation."})
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in ALL_GROUPS]
+        if unknown or not self.targets:
+            raise ValueError(f"targets {list(self.targets)!r}: choose from {', '.join(ALL_GROUPS)}")
+        if self.experts not in ("selected", "all", "none"):
+            raise ValueError(f"experts must be selected, all or none, got {self.experts!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["targets"] = list(self.targets)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SieveLoraConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

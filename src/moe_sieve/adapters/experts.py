@@ -1,0 +1,414 @@
+"""LoRA on the hot experts of fused (3D-parameter) MoE expert modules, computed in activation space.
+
+transformers v5 stores the experts of a layer as 3D tensors and dispatches their forward through
+``ALL_EXPERTS_FUNCTIONS`` on ``config._experts_implementation``. MoE-Sieve adapts only the most-routed
+experts of each layer (paper §4, Step 3), so the update cannot be a per-``nn.Linear`` PEFT adapter: it lives
+in an :class:`ExpertLoRA` attached as ``experts.sieve_lora`` and is applied by
+:func:`sieve_lora_experts_forward`, registered as the ``"sieve_lora"`` experts implementation. Only the
+rows routed to selected experts enter the LoRA matmuls, so cold experts cost exactly the base forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "SIEVE_EXPERTS_IMPLEMENTATION",
+    "ExpertLoRA",
+    "grouped_mm",
+    "is_fused_experts",
+    "iter_fused_experts",
+    "register_sieve_experts_implementation",
+    "restore_experts_implementation",
+    "sieve_lora_experts_forward",
+    "use_sieve_experts",
+]
+
+SIEVE_EXPERTS_IMPLEMENTATION = "sieve_lora"
+
+_NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _native_strides_ok(t: torch.Tensor) -> bool:
+    """The grouped GEMM kernels need 16-byte aligned data and one unit stride among the last two dims."""
+    if t.data_ptr() % 16:
+        return False
+    align = 16 // t.element_size()
+    s_in, s_out = t.stride(-2), t.stride(-1)
+    if s_in == 1 and s_out >= max(1, t.shape[-2]):
+        return s_out % align == 0
+    if s_out == 1 and s_in >= max(1, t.shape[-1]):
+        return s_in % align == 0
+    return False
+
+
+def _can_use_native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Native grouped GEMM only on CUDA with half/float dtypes (CPU has no float64 kernel and no need)."""
+    if w.device.type != "cuda" or w.dtype not in _NATIVE_DTYPES:
+        return False
+    major, minor = torch.cuda.get_device_capability(w.device)
+    if hasattr(F, "grouped_mm"):
+        if (major, minor) < (8, 0):
+            return False
+    elif not (hasattr(torch, "_grouped_mm") and w.dtype == torch.bfloat16 and major == 9):
+        return False
+    return _native_strides_ok(x) and _native_strides_ok(w)
+
+
+def grouped_mm(x_S: torch.Tensor, w_GIO: torch.Tensor, offsets_G: torch.Tensor) -> torch.Tensor:
+    """Row-grouped ``x @ w[g]``: rows ``[offsets[g-1], offsets[g])`` use ``w[g]``; rows past the end are 0.
+
+    ``x_S`` is [S, in] (cast to ``w``'s dtype), ``w_GIO`` [G, in, out], ``offsets_G`` int32 cumulative ends.
+    Uses ``torch.nn.functional.grouped_mm`` where a kernel exists, else one host sync and a loop of ``mm``s,
+    which autograd differentiates like any other op.
+    """
+    x_S = x_S.to(w_GIO.dtype)
+    num_rows, out_dim = x_S.shape[0], w_GIO.shape[-1]
+    if num_rows == 0:
+        return x_S.new_zeros(0, out_dim)
+    if _can_use_native_grouped_mm(x_S, w_GIO):
+        offsets_G = offsets_G.to(torch.int32)
+        if hasattr(F, "grouped_mm"):
+            out = F.grouped_mm(x_S, w_GIO, offs=offsets_G)
+        else:
+            out = torch._grouped_mm(x_S, w_GIO, offs=offsets_G)
+        return out
+    chunks: list[torch.Tensor] = []
+    start = 0
+    for w_IO, end in zip(w_GIO.unbind(0), offsets_G.tolist(), strict=True):
+        if end > start:
+            chunks.append(x_S[start:end] @ w_IO)
+            start = end
+    if start < num_rows:
+        chunks.append(x_S.new_zeros(num_rows - start, out_dim))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+class ExpertLoRA(nn.Module):
+    """Per-expert LoRA factors (gate, up, down) for the selected experts of one fused experts module.
+
+    Each selected expert gets its own rank-``r`` factors per projection, as if every expert were three
+    ``nn.Linear`` layers wrapped by PEFT: ``A`` maps in -> r and ``B`` maps r -> out, ``W' = W + s B A``
+    with ``s = alpha / r``. Unselected experts own no parameters at all.
+    """
+
+    def __init__(
+        self,
+        expert_ids: Sequence[int],
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        has_gate: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        *,
+        is_transposed: bool = False,
+        is_concatenated: bool = True,
+    ) -> None:
+        super().__init__()
+        ids = sorted({int(e) for e in expert_ids})
+        if ids and (ids[0] < 0 or ids[-1] >= num_experts):
+            raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids}")
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        self.num_experts = num_experts
+        self.selected_experts: tuple[int, ...] = tuple(ids)
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.r = r
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / r
+        self.has_gate = has_gate
+        self.is_transposed = is_transposed
+        self.is_concatenated = is_concatenated
+        self.dropout = nn.Dropout(dropout)
+
+        n, hid, inter = len(ids), hidden_size, intermediate_size
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        if has_gate:
+            self.gate_A = nn.Parameter(torch.empty(n, r, hid, **kw))
+            self.gate_B = nn.Parameter(torch.empty(n, inter, r, **kw))
+        else:
+            self.register_parameter("gate_A", None)
+            self.register_parameter("gate_B", None)
+        self.up_A = nn.Parameter(torch.empty(n, r, hid, **kw))
+        self.up_B = nn.Parameter(torch.empty(n, inter, r, **kw))
+        self.down_A = nn.Parameter(torch.empty(n, r, inter, **kw))
+        self.down_B = nn.Parameter(torch.empty(n, hid, r, **kw))
+
+        expert_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        slot_of_expert = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+        slot_of_expert[expert_ids] = torch.arange(n, device=device)
+        self.register_buffer("expert_ids", expert_ids, persistent=False)
+        self.register_buffer("slot_of_expert", slot_of_expert, persistent=False)
+        self.reset_parameters()
+
+    @classmethod
+    def for_experts(
+        cls,
+        experts: nn.Module,
+        expert_ids: Sequence[int],
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> ExpertLoRA:
+        """Size the factors from a decorated experts module's own parameters and layout flags."""
+        has_gate = getattr(experts, "has_gate", True)
+        is_transposed = getattr(experts, "is_transposed", False)
+        w_in = experts.gate_up_proj if has_gate else experts.up_proj
+        down = experts.down_proj
+        num_experts = int(getattr(experts, "num_experts", down.shape[0]))
+        if is_transposed:
+            intermediate_size, hidden_size = down.shape[1], down.shape[2]
+        else:
+            hidden_size, intermediate_size = down.shape[1], down.shape[2]
+        in_out = (2 if has_gate else 1) * intermediate_size, hidden_size
+        expected = (num_experts, *(reversed(in_out) if is_transposed else in_out))
+        if tuple(w_in.shape) != expected or down.shape[0] != num_experts:
+            raise ValueError(
+                f"unexpected experts layout: {'gate_up_proj' if has_gate else 'up_proj'} "
+                f"{tuple(w_in.shape)} (expected {expected}), down_proj {tuple(down.shape)}"
+            )
+        return cls(
+            expert_ids,
+            num_experts,
+            hidden_size,
+            intermediate_size,
+            r,
+            alpha,
+            dropout,
+            has_gate=has_gate,
+            dtype=dtype or down.dtype,
+            device=down.device,
+            is_transposed=is_transposed,
+            is_concatenated=getattr(experts, "is_concatenated", True),
+        )
+
+    @property
+    def num_selected(self) -> int:
+        return self.expert_ids.numel()
+
+    def _factors(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter]]:
+        names = ("gate", "up", "down") if self.has_gate else ("up", "down")
+        for name in names:
+            yield name, getattr(self, f"{name}_A"), getattr(self, f"{name}_B")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's default init: each expert's ``A`` as an ``nn.Linear`` weight, ``B`` zero (no-op update)."""
+        for _, lora_A, lora_B in self._factors():
+            for a_slice in lora_A:
+                nn.init.kaiming_uniform_(a_slice, a=math.sqrt(5))
+            lora_B.zero_()
+
+    def _dropout_active(self) -> bool:
+        return self.training and self.dropout.p > 0
+
+    def _low_rank(
+        self, x_R: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, offsets_n: torch.Tensor
+    ) -> torch.Tensor:
+        a_R = grouped_mm(x_R, lora_A.transpose(1, 2), offsets_n) * self.scaling
+        return grouped_mm(a_R, lora_B.transpose(1, 2), offsets_n)
+
+    def gate_up_update(self, x_R: torch.Tensor, offsets_n: torch.Tensor) -> torch.Tensor:
+        """``s B A x`` for the gate_up (or up) pre-activation, columns in the experts module's order.
+
+        ``x_R`` holds the rows routed to selected experts, grouped by slot with cumulative ends ``offsets_n``.
+        Without dropout gate and up share one GEMM over the stacked ``A``s, reading ``x_R`` once.
+        """
+        if not self.has_gate:
+            return self._low_rank(self.dropout(x_R), self.up_A, self.up_B, offsets_n)
+        if self._dropout_active():
+            gate_R = self._low_rank(self.dropout(x_R), self.gate_A, self.gate_B, offsets_n)
+            up_R = self._low_rank(self.dropout(x_R), self.up_A, self.up_B, offsets_n)
+        else:
+            stacked_A = torch.cat([self.gate_A, self.up_A], dim=1).transpose(1, 2)
+            a_R = grouped_mm(x_R, stacked_A, offsets_n) * self.scaling
+            gate_R = grouped_mm(a_R[:, : self.r].contiguous(), self.gate_B.transpose(1, 2), offsets_n)
+            up_R = grouped_mm(a_R[:, self.r :].contiguous(), self.up_B.transpose(1, 2), offsets_n)
+        if self.is_concatenated:
+            return torch.cat([gate_R, up_R], dim=-1)
+        return torch.stack([gate_R, up_R], dim=-1).flatten(-2)
+
+    def down_update(self, h_R: torch.Tensor, offsets_n: torch.Tensor) -> torch.Tensor:
+        """``s B A h`` for the down projection of the rows routed to selected experts."""
+        return self._low_rank(self.dropout(h_R), self.down_A, self.down_B, offsets_n)
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """Dense ``s B A`` per selected expert in the experts module's storage layout, for merging.
+
+        ``experts.<name>[expert_ids] += delta[name]`` folds the adapter into the base weights.
+        """
+
+        def dense(name: str) -> torch.Tensor:
+            return self.scaling * torch.bmm(getattr(self, f"{name}_B"), getattr(self, f"{name}_A"))
+
+        if self.has_gate:
+            gate, up = dense("gate"), dense("up")  # [n, I, H] each, (out, in)
+            if self.is_concatenated:
+                first = torch.cat([gate, up], dim=1)
+            else:
+                first = torch.stack([gate, up], dim=2).flatten(1, 2)
+            first_name = "gate_up_proj"
+        else:
+            first, first_name = dense("up"), "up_proj"
+        down = dense("down")  # [n, H, I]
+        if self.is_transposed:
+            first, down = first.transpose(1, 2), down.transpose(1, 2)
+        return {first_name: first.contiguous(), "down_proj": down.contiguous()}
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.expert_ids.tolist()} of {self.num_experts}, r={self.r}, alpha={self.alpha:g}, "
+            f"has_gate={self.has_gate}, is_transposed={self.is_transposed}, "
+            f"is_concatenated={self.is_concatenated}"
+        )
+
+
+def sieve_lora_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Experts forward (base + ``self.sieve_lora``) for any ``@use_experts_implementation`` module.
+
+    Follows transformers' grouped_mm forward: (token, k) pairs are sorted by expert and each projection is
+    one grouped GEMM. The LoRA update is added in activation space to the rows of selected experts only,
+    gathered once per call, so ``W + s B A`` is never materialised and cold experts add no work.
+    """
+    lora: ExpertLoRA | None = getattr(self, "sieve_lora", None)
+    num_experts = self.num_experts
+    has_gate = self.has_gate
+    is_transposed = self.is_transposed
+    has_bias = self.has_bias
+    out_shape = hidden_states.shape
+    hidden_states = hidden_states.reshape(-1, out_shape[-1])
+    num_top_k = top_k_index.shape[-1]
+    top_k_index_TK = top_k_index.reshape(-1, num_top_k)
+    top_k_weights_TK = top_k_weights.reshape(top_k_index_TK.shape[0], -1)
+    if top_k_weights_TK.shape[-1] != num_top_k and top_k_weights_TK.shape[-1] == num_experts:
+        top_k_weights_TK = top_k_weights_TK.gather(-1, top_k_index_TK.clamp(max=num_experts - 1))
+    num_tokens = hidden_states.shape[0]
+    device = hidden_states.device
+
+    expert_ids_S, perm_S = torch.sort(top_k_index_TK.reshape(-1))
+    x_S = hidden_states[perm_S // num_top_k]
+    weights_S = top_k_weights_TK.reshape(-1)[perm_S]
+    histc_input = expert_ids_S.float() if device.type in ("cpu", "mps") else expert_ids_S.int()
+    tokens_per_expert_E = torch.histc(histc_input, bins=num_experts, min=0, max=num_experts - 1)
+    offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
+
+    # transformers 5.17 always treats ids >= num_experts as EP sentinels; 5.23 only when expert-parallel.
+    sentinel_S1 = None
+    if getattr(self, "_is_expert_parallel", True):
+        sentinel_S1 = (expert_ids_S >= num_experts).unsqueeze(-1)
+        expert_ids_S = expert_ids_S.clamp(max=num_experts - 1)
+        x_S.masked_fill_(sentinel_S1, 0.0)
+        weights_S = weights_S.masked_fill(sentinel_S1.squeeze(-1), 0.0)
+
+    sel_rows_R = offsets_n = None
+    if lora is not None and lora.num_selected > 0:
+        selected_S = lora.slot_of_expert[expert_ids_S] >= 0
+        if sentinel_S1 is not None:
+            selected_S &= ~sentinel_S1.squeeze(-1)
+        sel_rows_R = selected_S.nonzero().squeeze(-1)
+        if sel_rows_R.numel() == 0:
+            sel_rows_R = None
+        else:
+            offsets_n = torch.cumsum(tokens_per_expert_E[lora.expert_ids], dim=0, dtype=torch.int32)
+
+    w_in = self.gate_up_proj if has_gate else self.up_proj
+    proj_S = grouped_mm(x_S, w_in if is_transposed else w_in.transpose(-2, -1), offsets_E)
+    if has_bias:
+        proj_S.add_((self.gate_up_proj_bias if has_gate else self.up_proj_bias)[expert_ids_S])
+    if sentinel_S1 is not None:
+        proj_S.masked_fill_(sentinel_S1, 0.0)
+    if sel_rows_R is not None:
+        update_R = lora.gate_up_update(x_S[sel_rows_R], offsets_n)
+        proj_S.index_add_(0, sel_rows_R, update_R.to(proj_S.dtype))
+    h_S = self._apply_gate(proj_S) if has_gate else self.act_fn(proj_S)
+
+    out_S = grouped_mm(h_S, self.down_proj if is_transposed else self.down_proj.transpose(-2, -1), offsets_E)
+    if has_bias:
+        out_S.add_(self.down_proj_bias[expert_ids_S])
+    if sentinel_S1 is not None:
+        out_S.masked_fill_(sentinel_S1, 0.0)
+    if sel_rows_R is not None:
+        out_S.index_add_(0, sel_rows_R, lora.down_update(h_S[sel_rows_R], offsets_n).to(out_S.dtype))
+    if getattr(self, "has_post_expert_norm", False):
+        out_S = self.post_expert_norm(out_S)
+
+    weighted_S = out_S * weights_S.unsqueeze(-1)
+    inv_perm_S = torch.empty_like(perm_S)
+    inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=device)
+    # reshape+sum (not index_add_) as transformers: deterministic, fp32-accumulated for half dtypes.
+    final = weighted_S[inv_perm_S].view(num_tokens, num_top_k, -1).sum(dim=1)
+    return final.to(hidden_states.dtype).reshape(out_shape)
+
+
+def register_sieve_experts_implementation() -> None:
+    """Make ``"sieve_lora"`` a valid ``config._experts_implementation`` everywhere (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if hasattr(ALL_EXPERTS_FUNCTIONS, "register"):
+        ALL_EXPERTS_FUNCTIONS.register(SIEVE_EXPERTS_IMPLEMENTATION, sieve_lora_experts_forward)
+    else:
+        ALL_EXPERTS_FUNCTIONS[SIEVE_EXPERTS_IMPLEMENTATION] = sieve_lora_experts_forward
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module dispatched through ``ALL_EXPERTS_FUNCTIONS``."""
+    if not all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "config", "num_experts")):
+        return False
+    w_in = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return isinstance(w_in, torch.Tensor) and w_in.dim() == 3 and isinstance(down, torch.Tensor)
+
+
+def iter_fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` for every fused experts module of ``model``."""
+    for name, module in model.named_modules():
+        if is_fused_experts(module):
+            yield name, module
+
+
+def _set_experts_implementation(config: Any, value: str | None) -> None:
+    # The internal attribute leaves sibling sub-configs (vision towers, ...) untouched.
+    if hasattr(config, "_experts_implementation_internal"):
+        config._experts_implementation_internal = value
+    else:
+        config._experts_implementation = value
+
+
+def use_sieve_experts(model: nn.Module) -> dict[str, str | None]:
+    """Route every fused experts module of ``model`` through ``sieve_lora``; return what to restore.
+
+    The setting is read from each experts module's own ``config`` (sub-configs are separate objects), so it
+    is set there rather than through ``model.config``. Returns ``{experts module name: previous value}``.
+    """
+    register_sieve_experts_implementation()
+    found = list(iter_fused_experts(model))
+    if not found:
+        raise ValueError("model has no fused experts modules (transformers @use_experts_implementation)")
+    previous = {name: module.config._experts_implementation for name, module in found}
+    for _, module in found:
+        _set_experts_implementation(module.config, SIEVE_EXPERTS_IMPLEMENTATION)
+    return previous
+
+
+def restore_experts_implementation(model: nn.Module, previous: dict[str, str | None]) -> None:
+    """Undo :func:`use_sieve_experts` with the mapping it returned."""
+    for name, value in previous.items():
+        _set_experts_implementation(model.get_submodule(name).config, value)

@@ -1,0 +1,168 @@
+"""Adapter artifact (``adapter.safetensors`` + ``adapter_config.json``), loading and merging."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .._io import atomic_dir
+from .._version import __version__
+from ..arch import MoEShape, config_fingerprint, find_moe_layers
+from ..profiling.artifact import ProfileMismatchError
+from .attach import SieveState, apply_sieve_lora, trainable_parameters
+from .config import SieveLoraConfig
+from .experts import restore_experts_implementation
+from .lora import LoraLinear, LoraWeightDelta
+
+ADAPTER_FORMAT_VERSION = 1
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _state(model: nn.Module) -> SieveState:
+    state = getattr(model, "moe_sieve", None)
+    if state is None:
+        raise ValueError("this model has no Sieve LoRA adapters (call apply_sieve_lora or load_sieve_adapter)")
+    return state
+
+
+def adapter_config(model: nn.Module, base_model: str | None = None, extra: dict | None = None) -> dict[str, Any]:
+    state = _state(model)
+    return {
+        "format": "moe-sieve-adapter",
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "tool_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": {
+            "id": base_model or getattr(model.config, "_name_or_path", None),
+            "class": type(model).__name__,
+            "model_type": getattr(model.config, "model_type", None),
+            "config_fingerprint": state.base_config_fingerprint,
+        },
+        "lora": state.config.to_json(),
+        "experts": {str(layer): ids for layer, ids in sorted(state.experts.items())},
+        "shape": {
+            "layer_ids": list(state.shape.layer_ids),
+            "num_experts": state.shape.num_experts,
+            "top_k": state.shape.top_k,
+        },
+        "trainable_params": state.trainable_params,
+        "params_by_group": state.params_by_group(),
+        **(extra or {}),
+    }
+
+
+def save_sieve_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    base_model: str | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write only the LoRA factors (fp32 on disk if trained in fp32) and the config needed to rebuild them."""
+    tensors = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+    config = adapter_config(model, base_model, extra)
+    with atomic_dir(path, overwrite) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "moe-sieve-adapter"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    config_path = path / ADAPTER_CONFIG
+    if not config_path.exists() or not (path / ADAPTER_WEIGHTS).exists():
+        raise FileNotFoundError(f"{path} is not a moe-sieve adapter directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: invalid JSON ({err})") from err
+    if config.get("format") != "moe-sieve-adapter" or config.get("format_version") != ADAPTER_FORMAT_VERSION:
+        raise ValueError(f"{config_path}: not a moe-sieve adapter of format version {ADAPTER_FORMAT_VERSION}")
+    return config
+
+
+def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> SieveState:
+    """Attach the saved adapter to a fresh base ``model`` and restore its factors exactly."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    shape = MoEShape.of(find_moe_layers(model))
+    saved = config["shape"]
+    if (list(shape.layer_ids), shape.num_experts, shape.top_k) != (
+        saved["layer_ids"],
+        saved["num_experts"],
+        saved["top_k"],
+    ):
+        raise ProfileMismatchError(
+            f"{path}: adapter made for MoE layers {saved['layer_ids']} x {saved['num_experts']} experts "
+            f"(top-{saved['top_k']}), the model has {list(shape.layer_ids)} x {shape.num_experts} (top-{shape.top_k})"
+        )
+    fingerprint = config_fingerprint(model.config)
+    if fingerprint != config["base_model"]["config_fingerprint"]:
+        warnings.warn(
+            f"{path}: adapter was trained on a base model with another config "
+            f"({config['base_model']['config_fingerprint']} vs {fingerprint})",
+            stacklevel=2,
+        )
+    lora_config = SieveLoraConfig.from_json(config["lora"])
+    experts = {int(layer): ids for layer, ids in config["experts"].items()}
+    state = apply_sieve_lora(model, experts, lora_config)
+    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    params = trainable_parameters(model)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{path / ADAPTER_WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise ValueError(
+                    f"{path / ADAPTER_WEIGHTS}: {name} has shape {tuple(tensors[name].shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            param.copy_(tensors[name])
+    return state
+
+
+def merge_sieve_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into the base weights and remove the adapters, in place.
+
+    The result is a plain transformers model: ``save_pretrained`` writes a checkpoint that loads with
+    ``AutoModelForCausalLM.from_pretrained`` without moe-sieve.
+    """
+    state = _state(model)
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLinear):
+                parent_name, _, leaf = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, leaf, module.merged())
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module, "weight") and any(
+                isinstance(p, LoraWeightDelta) for p in module.parametrizations.weight
+            ):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        for layer in find_moe_layers(model):
+            lora = getattr(layer.experts, "sieve_lora", None)
+            if lora is None:
+                continue
+            ids = lora.expert_ids
+            for param_name, delta in lora.delta_weights().items():
+                weight = getattr(layer.experts, param_name)
+                weight[ids] = (weight[ids].float() + delta.float()).to(weight.dtype)
+            del layer.experts.sieve_lora
+    if state.previous_experts_implementation is not None:
+        restore_experts_implementation(model, state.previous_experts_implementation)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    del model.moe_sieve
+    return model

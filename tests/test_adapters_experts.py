@@ -1,0 +1,470 @@
+"""ExpertLoRA and the ``sieve_lora`` experts forward against a naive per-(token, expert) weight-space loop."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from torch import nn
+from transformers import GptOssConfig, OlmoeConfig, OlmoeForCausalLM
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+
+import moe_sieve.adapters.experts as experts_mod
+from moe_sieve.adapters.experts import (
+    SIEVE_EXPERTS_IMPLEMENTATION,
+    ExpertLoRA,
+    grouped_mm,
+    iter_fused_experts,
+    register_sieve_experts_implementation,
+    restore_experts_implementation,
+    sieve_lora_experts_forward,
+    use_sieve_experts,
+)
+
+H, FF, E, K, T = 16, 8, 6, 2, 11
+R, ALPHA = 4, 8.0
+LAYOUTS = ["olmoe", "gpt_oss", "transposed_concat_bias", "no_gate_bias", "post_norm"]
+SELECTIONS = [[], [2], [0, 3, 5], list(range(E))]
+
+
+def _randomize(module: nn.Module, seed: int, std: float = 0.1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+def _generic_experts(*, has_gate: bool, is_transposed: bool, is_concatenated: bool, has_bias: bool) -> nn.Module:
+    """A decorated experts class with the given layout flags (layouts no tiny HF config covers portably)."""
+
+    @use_experts_implementation(
+        has_gate=has_gate, is_transposed=is_transposed, is_concatenated=is_concatenated, has_bias=has_bias
+    )
+    class TinyExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = E
+            cols = (2 if has_gate else 1) * FF
+            name = "gate_up_proj" if has_gate else "up_proj"
+            setattr(self, name, nn.Parameter(torch.empty(E, *((H, cols) if is_transposed else (cols, H)))))
+            self.down_proj = nn.Parameter(torch.empty(E, *((FF, H) if is_transposed else (H, FF))))
+            if has_bias:
+                setattr(self, f"{name}_bias", nn.Parameter(torch.empty(E, cols)))
+                self.down_proj_bias = nn.Parameter(torch.empty(E, H))
+            self.act_fn = nn.SiLU() if has_gate else nn.GELU()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise NotImplementedError
+
+    return TinyExperts(types.SimpleNamespace(_experts_implementation=SIEVE_EXPERTS_IMPLEMENTATION))
+
+
+def make_experts(layout: str, seed: int = 0) -> nn.Module:
+    if layout == "olmoe":
+        config = OlmoeConfig(hidden_size=H, intermediate_size=FF, num_experts=E, num_experts_per_tok=K)
+        module = OlmoeExperts(config)
+    elif layout == "gpt_oss":
+        config = GptOssConfig(
+            hidden_size=H,
+            intermediate_size=FF,
+            num_local_experts=E,
+            num_experts_per_tok=K,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=4,
+        )
+        module = GptOssExperts(config)
+    elif layout == "transposed_concat_bias":
+        module = _generic_experts(has_gate=True, is_transposed=True, is_concatenated=True, has_bias=True)
+    elif layout == "no_gate_bias":
+        module = _generic_experts(has_gate=False, is_transposed=False, is_concatenated=True, has_bias=True)
+    elif layout == "post_norm":
+        module = _generic_experts(has_gate=True, is_transposed=False, is_concatenated=True, has_bias=False)
+        module.has_post_expert_norm = True
+        module.post_expert_norm = nn.LayerNorm(H)
+    else:
+        raise ValueError(layout)
+    if layout in ("olmoe", "gpt_oss"):
+        module.config._experts_implementation = "eager"
+    _randomize(module, seed)
+    return module.double()
+
+
+def make_lora(module: nn.Module, ids: list[int], seed: int = 1, dropout: float = 0.0) -> ExpertLoRA:
+    lora = ExpertLoRA.for_experts(module, ids, r=R, alpha=ALPHA, dropout=dropout)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith("_B"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    return lora
+
+
+def make_routing(seed: int = 2, dense: bool = False, sentinel: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    hidden_TH = torch.randn(T, H, generator=gen, dtype=torch.float64)
+    top_k_index_TK = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    top_k_weights_TK = torch.rand(T, K, generator=gen, dtype=torch.float64)
+    if sentinel:
+        top_k_index_TK[1, 0] = E
+        top_k_index_TK[4, 1] = E
+        top_k_index_TK[7, 0] = E
+    if dense:
+        weights_TE = torch.rand(T, E, generator=gen, dtype=torch.float64)
+        return hidden_TH, top_k_index_TK, weights_TE
+    return hidden_TH, top_k_index_TK, top_k_weights_TK
+
+
+def _math_weights(module: nn.Module, lora: ExpertLoRA | None, e: int) -> dict[str, torch.Tensor]:
+    """Expert ``e``'s (out, in) matrices with ``W + s B A`` built explicitly when ``e`` is selected."""
+    t = module.is_transposed
+    weights: dict[str, torch.Tensor] = {}
+    if module.has_gate:
+        gate_up = module.gate_up_proj[e].T if t else module.gate_up_proj[e]  # [2I, H]
+        if module.is_concatenated:
+            weights["gate"], weights["up"] = gate_up[:FF], gate_up[FF:]
+        else:
+            weights["gate"], weights["up"] = gate_up[0::2], gate_up[1::2]
+    else:
+        weights["up"] = module.up_proj[e].T if t else module.up_proj[e]
+    weights["down"] = module.down_proj[e].T if t else module.down_proj[e]  # [H, FF]
+    ids = [] if lora is None else lora.expert_ids.tolist()
+    if e in ids:
+        slot = ids.index(e)
+        for name in list(weights):
+            lora_A, lora_B = getattr(lora, f"{name}_A")[slot], getattr(lora, f"{name}_B")[slot]
+            weights[name] = weights[name] + lora.scaling * (lora_B @ lora_A)
+    return weights
+
+
+def reference_forward(module, lora, hidden_TH, top_k_index_TK, weights) -> torch.Tensor:
+    """Per-token, per-k loop applying each routed expert's merged weights; sentinel ids skipped."""
+    rows = []
+    for t in range(hidden_TH.shape[0]):
+        acc = torch.zeros(H, dtype=hidden_TH.dtype)
+        x = hidden_TH[t]
+        for k in range(top_k_index_TK.shape[1]):
+            e = int(top_k_index_TK[t, k])
+            if e >= module.num_experts:
+                continue
+            w = weights[t, k] if weights.shape[-1] == top_k_index_TK.shape[1] else weights[t, e]
+            mats = _math_weights(module, lora, e)
+            if module.has_gate:
+                gate, up = mats["gate"] @ x, mats["up"] @ x
+                if module.is_concatenated:
+                    pre = torch.cat([gate, up])
+                else:
+                    pre = torch.empty(2 * FF, dtype=x.dtype)
+                    pre = pre.index_put((torch.arange(0, 2 * FF, 2),), gate)
+                    pre = pre.index_put((torch.arange(1, 2 * FF, 2),), up)
+                if module.has_bias:
+                    pre = pre + module.gate_up_proj_bias[e]
+                h = module._apply_gate(pre[None])[0]
+            else:
+                pre = mats["up"] @ x
+                if module.has_bias:
+                    pre = pre + module.up_proj_bias[e]
+                h = module.act_fn(pre)
+            y = mats["down"] @ h
+            if module.has_bias:
+                y = y + module.down_proj_bias[e]
+            if getattr(module, "has_post_expert_norm", False):
+                y = module.post_expert_norm(y[None])[0]
+            acc = acc + w * y
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+    grads = torch.autograd.grad((out * proj).sum(), inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-10) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+# --- forward and gradients against the naive reference -------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ids", SELECTIONS, ids=lambda s: f"sel{len(s)}")
+@pytest.mark.parametrize("routing", ["topk", "dense", "sentinel"])
+def test_forward_and_grads_match_reference(layout: str, ids: list[int], routing: str) -> None:
+    module = make_experts(layout)
+    if routing == "sentinel":
+        module._is_expert_parallel = True
+    module.sieve_lora = make_lora(module, ids)
+    hidden_TH, top_k_index_TK, weights = make_routing(dense=routing == "dense", sentinel=routing == "sentinel")
+    hidden_TH.requires_grad_(True)
+    weights.requires_grad_(True)
+    inputs = [hidden_TH, weights, *module.parameters()]
+
+    out = sieve_lora_experts_forward(module, hidden_TH, top_k_index_TK, weights)
+    ref = reference_forward(module, module.sieve_lora, hidden_TH, top_k_index_TK, weights)
+    _assert_close(out, ref)
+    for got, want in zip(_grads(out, inputs), _grads(ref, inputs), strict=True):
+        _assert_close(got, want)
+
+
+def test_sentinel_pairs_contribute_nothing() -> None:
+    module = make_experts("olmoe")
+    module._is_expert_parallel = True
+    module.sieve_lora = make_lora(module, [0, 3])
+    hidden_TH, top_k_index_TK, weights_TK = make_routing(sentinel=True)
+    weights_TK.requires_grad_(True)
+    out = sieve_lora_experts_forward(module, hidden_TH, top_k_index_TK, weights_TK)
+    (grad_w,) = torch.autograd.grad(out.sum(), weights_TK)
+    assert torch.all(grad_w[top_k_index_TK == E] == 0)
+    kept = top_k_index_TK.clone()
+    kept[top_k_index_TK == E] = 0
+    kept_weights = weights_TK.detach().masked_fill(top_k_index_TK == E, 0.0)
+    _assert_close(out, sieve_lora_experts_forward(module, hidden_TH, kept, kept_weights))
+
+
+def test_frozen_base_gets_no_grads_and_lora_grads_match() -> None:
+    module = make_experts("gpt_oss")
+    module.requires_grad_(False)
+    module.sieve_lora = make_lora(module, [1, 4])
+    module.sieve_lora.requires_grad_(True)
+    hidden_TH, top_k_index_TK, weights_TK = make_routing()
+    lora_params = list(module.sieve_lora.parameters())
+    out = sieve_lora_experts_forward(module, hidden_TH, top_k_index_TK, weights_TK)
+    ref = reference_forward(module, module.sieve_lora, hidden_TH, top_k_index_TK, weights_TK)
+    for got, want in zip(_grads(out, lora_params), _grads(ref, lora_params), strict=True):
+        _assert_close(got, want)
+    sieve_lora_experts_forward(module, hidden_TH, top_k_index_TK, weights_TK).sum().backward()
+    assert all(p.grad is None for p in module.parameters() if not p.requires_grad)
+    assert all(p.grad is not None for p in lora_params)
+
+
+def test_lora_matmuls_see_only_selected_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = make_experts("olmoe")
+    module._is_expert_parallel = True
+    ids = [1, E - 1]  # sentinels are clamped to E - 1 for bias lookups; they must still skip the LoRA
+    module.sieve_lora = make_lora(module, ids)
+    hidden_TH, top_k_index_TK, weights_TK = make_routing(sentinel=True)
+    calls: list[tuple[int, int]] = []
+
+    def spy(x, w, offsets):
+        calls.append((x.shape[0], w.shape[0]))
+        return grouped_mm(x, w, offsets)
+
+    monkeypatch.setattr(experts_mod, "grouped_mm", spy)
+    sieve_lora_experts_forward(module, hidden_TH, top_k_index_TK, weights_TK)
+    routed_to_selected = int(torch.isin(top_k_index_TK, torch.tensor(ids)).sum())
+    lora_calls = [rows for rows, groups in calls if groups == len(ids)]
+    base_calls = [rows for rows, groups in calls if groups == E]
+    assert len(base_calls) == 2 and all(rows == T * K for rows in base_calls)
+    assert len(lora_calls) == 5 and all(rows == routed_to_selected for rows in lora_calls)
+
+
+# --- equality with transformers' own implementations ----------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["olmoe", "gpt_oss"])
+@pytest.mark.parametrize("attach", [True, False], ids=["fresh_lora", "no_lora"])
+def test_zero_update_equals_transformers_base(layout: str, attach: bool) -> None:
+    module = make_experts(layout)
+    if attach:
+        module.sieve_lora = ExpertLoRA.for_experts(module, [0, 2, 5], r=R, alpha=ALPHA)
+    hidden_TH, top_k_index_TK, weights_TK = make_routing()
+    out = sieve_lora_experts_forward(module, hidden_TH, top_k_index_TK, weights_TK)
+    eager = module(hidden_TH, top_k_index_TK, weights_TK)
+    batched = ALL_EXPERTS_FUNCTIONS["batched_mm"](module, hidden_TH, top_k_index_TK, weights_TK)
+    _assert_close(out, eager, atol=1e-12)
+    _assert_close(out, batched, atol=1e-12)
+
+    module32 = copy.deepcopy(module).float()  # transformers' native grouped_mm has no float64 CPU kernel
+    args32 = (hidden_TH.float(), top_k_index_TK, weights_TK.float())
+    grouped = ALL_EXPERTS_FUNCTIONS["grouped_mm"](module32, *args32)
+    _assert_close(sieve_lora_experts_forward(module32, *args32), grouped, atol=1e-5)
+
+
+def test_absent_lora_equals_base_reference() -> None:
+    for layout in LAYOUTS:
+        module = make_experts(layout)
+        hidden_TH, top_k_index_TK, weights_TK = make_routing()
+        out = sieve_lora_experts_forward(module, hidden_TH, top_k_index_TK, weights_TK)
+        _assert_close(out, reference_forward(module, None, hidden_TH, top_k_index_TK, weights_TK))
+
+
+# --- dropout --------------------------------------------------------------------------------------------
+
+
+def test_dropout_modes() -> None:
+    module = make_experts("olmoe")
+    module.sieve_lora = make_lora(module, [0, 2, 3], dropout=0.5)
+    args = make_routing()
+    ref = reference_forward(module, module.sieve_lora, *args)
+
+    module.sieve_lora.eval()
+    first = sieve_lora_experts_forward(module, *args)
+    assert torch.equal(first, sieve_lora_experts_forward(module, *args))
+    _assert_close(first, ref)
+
+    module.sieve_lora.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(sieve_lora_experts_forward(module, *args), first, atol=1e-6)
+
+    module.sieve_lora.dropout.p = 1.0
+    dropped = sieve_lora_experts_forward(module, *args)
+    lora = module.sieve_lora
+    del module.sieve_lora
+    assert torch.equal(dropped, sieve_lora_experts_forward(module, *args))
+    assert not torch.allclose(dropped, first, atol=1e-6)
+    assert isinstance(lora, ExpertLoRA)
+
+
+@pytest.mark.parametrize("layout", ["olmoe", "no_gate_bias"])
+def test_dropout_called_once_per_projection_input(layout: str) -> None:
+    module = make_experts(layout)
+    module.sieve_lora = make_lora(module, [1, 2], dropout=0.1)
+    calls: list[int] = []
+    module.sieve_lora.dropout.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[1]))
+    sieve_lora_experts_forward(module, *make_routing())
+    assert calls == ([H, H, FF] if module.has_gate else [H, FF])
+
+
+# --- construction, merge layout, registration -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_for_experts_shapes_and_init(layout: str) -> None:
+    module = make_experts(layout)
+    lora = ExpertLoRA.for_experts(module, [4, 1], r=R, alpha=ALPHA, dropout=0.05)
+    n = 2
+    assert lora.expert_ids.tolist() == [1, 4]
+    assert lora.slot_of_expert.tolist() == [-1, 0, -1, -1, 1, -1]
+    assert lora.scaling == ALPHA / R and lora.dropout.p == 0.05
+    shapes = {name: tuple(p.shape) for name, p in lora.named_parameters()}
+    expected = {"up_A": (n, R, H), "up_B": (n, FF, R), "down_A": (n, R, FF), "down_B": (n, H, R)}
+    if module.has_gate:
+        expected |= {"gate_A": (n, R, H), "gate_B": (n, FF, R)}
+    assert shapes == expected
+    assert all(p.dtype == torch.float64 for p in lora.parameters())
+    assert lora.is_transposed == module.is_transposed and lora.is_concatenated == module.is_concatenated
+    for name, p in lora.named_parameters():
+        if name.endswith("_B"):
+            assert torch.count_nonzero(p) == 0
+        else:
+            bound = 1 / p.shape[-1] ** 0.5  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), +)
+            assert p.abs().max() <= bound and p.std() > bound / 4
+    assert set(lora.state_dict()) == set(expected)
+
+
+def test_rejects_bad_expert_ids() -> None:
+    with pytest.raises(ValueError, match="expert ids"):
+        ExpertLoRA([0, E], E, H, FF, R, ALPHA)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_delta_weights_merge_reproduces_lora_forward(layout: str) -> None:
+    module = make_experts(layout)
+    ids = [0, 3, 4]
+    module.sieve_lora = make_lora(module, ids)
+    args = make_routing()
+    expected = sieve_lora_experts_forward(module, *args)
+
+    merged = copy.deepcopy(module)
+    deltas = merged.sieve_lora.delta_weights()
+    del merged.sieve_lora
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            assert delta.shape == (len(ids), *getattr(merged, name).shape[1:])
+            getattr(merged, name)[ids] += delta
+    _assert_close(reference_forward(merged, None, *args), expected)
+    if layout in ("olmoe", "gpt_oss"):
+        _assert_close(merged(*args), expected)
+
+
+def test_mixed_dtype_lora_runs_in_its_own_dtype() -> None:
+    module = make_experts("gpt_oss")
+    module.sieve_lora = ExpertLoRA.for_experts(module, [1, 2], r=R, alpha=ALPHA, dtype=torch.float32)
+    with torch.no_grad():
+        module.sieve_lora.up_B.fill_(0.1)
+    args = make_routing()
+    out = sieve_lora_experts_forward(module, *args)
+    assert out.dtype == torch.float64
+    out.sum().backward()
+    assert module.sieve_lora.up_B.grad.dtype == torch.float32
+    _assert_close(out, reference_forward(module, module.sieve_lora.double(), *args), atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 2, 4], [0, 0, 5], [2, 1, 0]])
+def test_grouped_mm_helper(sizes: list[int]) -> None:
+    gen = torch.Generator().manual_seed(3)
+    tail = 2
+    x = torch.randn(sum(sizes) + tail, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(len(sizes), 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    offsets = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    out = grouped_mm(x, w, offsets)
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    expected = torch.cat([torch.einsum("si,sio->so", x[: len(group)], w[group]), torch.zeros(tail, 3)])
+    _assert_close(out, expected)
+    for got, want in zip(_grads(out, [x, w]), _grads(expected, [x, w]), strict=True):
+        _assert_close(got, want)
+
+
+def _tiny_olmoe() -> OlmoeForCausalLM:
+    config = OlmoeConfig(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=FF,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=E,
+        num_experts_per_tok=K,
+    )
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(config).double().eval()
+    model.set_experts_implementation("eager")
+    for i, (_, experts) in enumerate(iter_fused_experts(model)):
+        _randomize(experts, seed=10 + i)
+    return model
+
+
+def test_registration_and_model_logits_match_merged_eager() -> None:
+    register_sieve_experts_implementation()
+    register_sieve_experts_implementation()
+    assert ALL_EXPERTS_FUNCTIONS[SIEVE_EXPERTS_IMPLEMENTATION] is sieve_lora_experts_forward
+
+    model = _tiny_olmoe()
+    selections = [[0, 5], [1, 2, 3]]
+    found = list(iter_fused_experts(model))
+    assert len(found) == 2
+    for (_, experts), ids in zip(found, selections, strict=True):
+        experts.sieve_lora = make_lora(experts, ids, seed=len(ids))
+    merged = copy.deepcopy(model)
+    for _, experts in iter_fused_experts(merged):
+        deltas = experts.sieve_lora.delta_weights()
+        ids = experts.sieve_lora.expert_ids
+        del experts.sieve_lora
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                getattr(experts, name)[ids] += delta
+
+    input_ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    base_logits = model(input_ids).logits
+    previous = use_sieve_experts(model)
+    assert set(previous.values()) == {"eager"}
+    assert all(m.config._experts_implementation == SIEVE_EXPERTS_IMPLEMENTATION for _, m in found)
+    sieve_logits = model(input_ids).logits
+    torch.testing.assert_close(sieve_logits, merged(input_ids).logits, atol=1e-8, rtol=0)
+    assert not torch.allclose(sieve_logits, base_logits, atol=1e-6)
+
+    restore_experts_implementation(model, previous)
+    assert all(m.config._experts_implementation == "eager" for _, m in found)
+    torch.testing.assert_close(model(input_ids).logits, base_logits, atol=0, rtol=0)
+
+
+def test_use_sieve_experts_requires_fused_experts() -> None:
+    with pytest.raises(ValueError, match="no fused experts"):
+        use_sieve_experts(nn.Linear(2, 2))
