@@ -98,3 +98,38 @@ def test_cli_errors_are_clear_and_nothing_is_overwritten(monkeypatch, capsys, tm
 
     code, _, err = run_cli(monkeypatch, capsys, "stats", tmp_path)
     assert code == 2 and "not a moe-sieve profile" in err
+
+
+def test_plan_attach_and_merge_commands(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_sieve.adapters import apply_sieve_lora, save_sieve_adapter, trainable_parameters
+    from moe_sieve.adapters.config import SieveLoraConfig
+
+    fixture = Path(__file__).parent / "fixtures" / "olmoe-1b-7b.config.json"
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", fixture, "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert (plan["full_params"], plan["sieve_params"]) == (311_459_840, 84_967_424)
+
+    code, out, err = run_cli(monkeypatch, capsys, "attach", "--model", tiny_model_dir, "--experts", "all")
+    assert code == 0, err
+    assert "8/8" in out and "trainable" in out
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_sieve_lora(model, {0: [1, 2], 1: [0], 2: [7]}, SieveLoraConfig(r=4, alpha=8, seed=0))
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.normal_(0, 0.05)
+        ids = torch.randint(0, 250, (1, 10))
+        expected = model.eval()(input_ids=ids).logits
+    save_sieve_adapter(model, tmp_path / "adapter", base_model=str(tiny_model_dir))
+    code, out, err = run_cli(monkeypatch, capsys, "merge", tmp_path / "adapter", "--out", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "merged" / "tokenizer.json").exists()

@@ -330,6 +330,31 @@ def plan(
 
 
 @app.command()
+def attach(
+    model: ModelOpt = DEFAULT_MODEL,
+    selection: Annotated[
+        Path | None, typer.Option("--selection", "-s", help="Selection JSON (needed for --experts selected).")
+    ] = None,
+    experts: Annotated[str, typer.Option(help="selected (MoE-Sieve), all (full LoRA) or none.")] = "selected",
+    r: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 64.0,
+    targets: Annotated[
+        str, typer.Option(help="Comma-separated module groups: attention,router,shared,experts.")
+    ] = "attention,router,shared,experts",
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
+) -> None:
+    """Dry run: load the model on CPU, attach the adapters, verify every selected expert got one and
+    print the trainable parameters per layer and module group."""
+    from .adapters import SieveLoraConfig, apply_sieve_lora
+    from .modeling import ModelSpec, load_model
+
+    net = load_model(ModelSpec(model=model, device="cpu", trust_remote_code=trust_remote_code))
+    config = SieveLoraConfig(r=r, alpha=alpha, experts=experts, targets=tuple(t for t in targets.split(",") if t))
+    state = apply_sieve_lora(net, selection, config)
+    console.print(state.table())
+
+
+@app.command()
 def merge(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (adapter.safetensors + adapter_config.json).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged checkpoint.")],
