@@ -23,7 +23,7 @@ import time
 import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
-from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, trainable_parameters
+from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
 from moe_sieve.arch import find_moe_layers, get_arch
 from moe_sieve.profiling import RoutingRecorder
 from moe_sieve.selection import select_topk
@@ -77,7 +77,7 @@ def hot_selection(model, input_ids: torch.Tensor, k: str) -> dict[int, list[int]
         recorder.begin_batch(torch.ones(input_ids.shape, dtype=torch.bool))
         model(input_ids=input_ids)
         counts_LBE, _ = recorder.end_batch()
-    return select_topk(counts_LBE.sum(1), resolve_k(k, layers[0].num_experts), [l.layer_id for l in layers])
+    return select_topk(counts_LBE.sum(1), resolve_k(k, layers[0].num_experts), [layer.layer_id for layer in layers])
 
 
 def attach(condition: str, model, hot: dict[int, list[int]], r: int, alpha: float):
@@ -130,11 +130,13 @@ def run_condition(args, condition, base, hot, input_ids, device) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     trainable = sum(p.numel() for p in params)
-    del model, optimizer, params
+    return {"condition": condition, "step_s": statistics.median(times), "peak_bytes": peak, "trainable": trainable}
+
+
+def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"condition": condition, "step_s": statistics.median(times), "peak_bytes": peak, "trainable": trainable}
 
 
 def main() -> None:
@@ -161,7 +163,10 @@ def main() -> None:
     input_ids = torch.randint(3, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     input_ids = input_ids.to(device)
     hot = hot_selection(base, input_ids, args.k)
-    results = [run_condition(args, c, base, hot, input_ids, device) for c in args.conditions.split(",")]
+    results = []
+    for condition in args.conditions.split(","):
+        results.append(run_condition(args, condition, base, hot, input_ids, device))
+        release(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name} | preset {args.preset} | {dtype} | batch {batch}x{seq} | r={args.r} | k={args.k}")
     by_name = {r["condition"]: r for r in results}
