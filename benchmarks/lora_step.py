@@ -177,9 +177,8 @@ def main() -> None:
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
         vs_floor = f"{r['step_s'] / floor['step_s']:.3f}x" if floor else "-"
         vs_peft = f"{peft['step_s'] / r['step_s']:.2f}x" if peft else "-"
-        print(
-            f"{r['condition']:<10} {r['trainable']:>12,} {r['step_s'] * 1e3:>10.1f} {peak:>9} {vs_floor:>9} {vs_peft:>8}"
-        )
+        step_ms = r["step_s"] * 1e3
+        print(f"{r['condition']:<10} {r['trainable']:>12,} {step_ms:>10.1f} {peak:>9} {vs_floor:>9} {vs_peft:>8}")
     if peft and "sieve-hot" in by_name and peft["peak_bytes"]:
         print(f"sieve-hot peak memory / peft-all: {by_name['sieve-hot']['peak_bytes'] / peft['peak_bytes']:.2f}")
     print("targets: sieve-hot <= 1.10x floor; peft-all / sieve-hot >= 1.3x; peak <= 0.75 of peft-all")
