@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._io import atomic_dir
+from .._io import atomic_dir, atomic_path
 from .._version import __version__
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..profiling.artifact import ProfileMismatchError
@@ -61,6 +61,29 @@ def adapter_config(model: nn.Module, base_model: str | None = None, extra: dict 
     }
 
 
+def save_factors(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the trainable LoRA factors (by module path) to one safetensors file, atomically."""
+    tensors = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "moe-sieve-adapter"})
+
+
+def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy saved factors into an adapted model; every trainable tensor must be present with its shape."""
+    tensors = load_file(str(path))
+    params = trainable_parameters(model)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
+                )
+            param.copy_(tensors[name])
+
+
 def save_sieve_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -70,10 +93,9 @@ def save_sieve_adapter(
     extra: dict | None = None,
 ) -> Path:
     """Write only the LoRA factors (fp32 on disk if trained in fp32) and the config needed to rebuild them."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
     config = adapter_config(model, base_model, extra)
     with atomic_dir(path, overwrite) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "moe-sieve-adapter"})
+        save_factors(model, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
@@ -117,19 +139,7 @@ def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> SieveState:
     lora_config = SieveLoraConfig.from_json(config["lora"])
     experts = {int(layer): ids for layer, ids in config["experts"].items()}
     state = apply_sieve_lora(model, experts, lora_config)
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    params = trainable_parameters(model)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"{path / ADAPTER_WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(
-                    f"{path / ADAPTER_WEIGHTS}: {name} has shape {tuple(tensors[name].shape)}, "
-                    f"expected {tuple(param.shape)}"
-                )
-            param.copy_(tensors[name])
+    load_factors(model, path / ADAPTER_WEIGHTS)
     return state
 
 

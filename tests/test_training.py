@@ -1,0 +1,206 @@
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from moe_sieve._io import ArtifactExistsError
+from moe_sieve.profiling import Profile, ProfileMismatchError
+from moe_sieve.training import NonFiniteLossError, TrainConfig, train
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """A learnable toy task: repeat a digit three times."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(64):
+        a = rng.randint(0, 9)
+        rows.append({"prompt": f"copy {a}:", "completion": f" {a}{a}{a}"})
+    path = tmp_path_factory.mktemp("toy") / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def learnable_model_dir(tmp_path_factory, byte_tokenizer):
+    """The tiny OLMoE with a larger LM head: at init scale (std 0.02) its logits cannot leave ~ln(vocab)."""
+    from .conftest import build_tiny
+
+    path = tmp_path_factory.mktemp("learnable")
+    model = build_tiny("olmoe")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(path)
+    byte_tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(model_dir, data, out, **kw):
+    values = dict(
+        model=str(model_dir),
+        data=str(data),
+        out=str(out),
+        batch_size=16,
+        micro_batch_size=8,
+        max_steps=8,
+        logging_steps=1,
+        save_steps=4,
+        learning_rate=3e-3,
+        r=4,
+        alpha=8,
+        dropout=0.05,
+        profile_subsample=0.5,
+        device="cpu",
+        warmup=0,
+    )
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_train_end_to_end_loss_falls_and_writes_artifacts(learnable_model_dir, toy_data, tmp_path):
+    result = train(
+        _config(learnable_model_dir, toy_data, tmp_path / "run", max_steps=24, learning_rate=1e-2, save_steps=12)
+    )
+    run = tmp_path / "run"
+    for name in (
+        "profile/profile.safetensors",
+        "selection.json",
+        "adapter/adapter.safetensors",
+        "metrics.json",
+        "config.json",
+        "data_report.json",
+    ):
+        assert (run / name).exists(), name
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 24 and m["tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0 and m["wall_time_s"] > 0
+    assert m["final_loss"] < 0.25 * m["first_loss"]
+    assert m["trainable_params"] == result.metrics["trainable_params"]
+    # the checkpoint holds the adapter and optimizer state, not base weights
+    ckpt = run / "checkpoints" / "checkpoint-24"
+    assert {"adapter.safetensors", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert not list(ckpt.glob("model*.safetensors"))
+    assert all(
+        "lora" in k or k.rsplit(".", 1)[-1] in ("gate_A", "gate_B", "up_A", "up_B", "down_A", "down_B")
+        for k in load_file(ckpt / "adapter.safetensors")
+    )
+
+
+class _Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 6:
+            raise KeyboardInterrupt
+
+
+def test_resume_is_exact(tiny_model_dir, toy_data, tmp_path):
+    train(_config(tiny_model_dir, toy_data, tmp_path / "full"))
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_model_dir, toy_data, tmp_path / "cut"), callbacks=[_Interrupt()])
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    result = train(_config(tiny_model_dir, toy_data, tmp_path / "cut"), resume=True)
+    assert result.metrics["resumed_from"].endswith("checkpoint-4")
+    full = load_file(tmp_path / "full" / "adapter" / "adapter.safetensors")
+    cut = load_file(tmp_path / "cut" / "adapter" / "adapter.safetensors")
+    assert full.keys() == cut.keys()
+    for key in full:
+        torch.testing.assert_close(cut[key], full[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy, experts_per_layer", [("full", 16), ("topk", 4), ("random", 4)])
+def test_conditions_report_expected_trainable_parameters(
+    tiny_model_dir, toy_data, tmp_path, strategy, experts_per_layer
+):
+    # tiny-olmoe of the fixture: hidden 32, 4 heads, 2 kv heads, 8 experts of width 16, 3 layers: see conftest;
+    # here the saved fixture model has 8 experts, so the full condition adapts 8.
+    result = train(_config(tiny_model_dir, toy_data, tmp_path / strategy, strategy=strategy, k="25%", max_steps=1))
+    r, layers = 4, 3
+    attention = r * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32))
+    router = r * (32 + 8)
+    per_expert = r * 3 * (32 + 16)
+    n_experts = 8 if strategy == "full" else 2
+    assert result.metrics["trainable_params"] == layers * (attention + router + n_experts * per_expert)
+    assert result.metrics["adapted_experts"] == layers * n_experts
+
+
+def test_existing_results_are_not_overwritten(tiny_model_dir, toy_data, tmp_path):
+    train(_config(tiny_model_dir, toy_data, tmp_path / "run", max_steps=1))
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    with pytest.raises(ArtifactExistsError, match="--overwrite"):
+        train(_config(tiny_model_dir, toy_data, tmp_path / "run", max_steps=1))
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+
+
+def test_bad_rows_empty_data_and_foreign_selection(tiny_model_dir, toy_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        train(_config(tiny_model_dir, bad, tmp_path / "r1"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        train(_config(tiny_model_dir, empty, tmp_path / "r2"))
+    foreign = tmp_path / "foreign.json"
+    from moe_sieve.selection import Selection
+
+    Selection({0: [1], 1: [2]}, num_experts=16, strategy="topk").save(foreign)
+    with pytest.raises(ProfileMismatchError, match="does not fit"):
+        train(_config(tiny_model_dir, toy_data, tmp_path / "r3", selection=str(foreign)))
+
+
+def test_nan_loss_stops_with_step(tiny_model_dir, toy_data, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="at step 1"):
+        train(_config(tiny_model_dir, toy_data, tmp_path / "nan", strategy="full"), model=model)
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_two_process_ddp_training_and_profiling_match_single_process(tiny_model_dir, toy_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(HERE / "ddp_train.py"),
+        str(tiny_model_dir),
+        str(toy_data),
+        str(tmp_path / "ddp"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 3
+
+    from moe_sieve.training.run import profile_distributed
+
+    single = train(
+        _config(
+            tiny_model_dir,
+            toy_data,
+            tmp_path / "single",
+            batch_size=8,
+            micro_batch_size=2,
+            max_steps=1,
+            profile_subsample=1.0,
+        )
+    )
+    assert single.metrics["steps"] == 1
+    two = Profile.load(tmp_path / "ddp" / "profile")
+    one = Profile.load(tmp_path / "single" / "profile")
+    np.testing.assert_array_equal(two.example_counts_NLE, one.example_counts_NLE)
+    np.testing.assert_array_equal(two.counts_LE, one.counts_LE)
+    assert callable(profile_distributed)
