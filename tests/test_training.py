@@ -204,3 +204,41 @@ def test_two_process_ddp_training_and_profiling_match_single_process(tiny_model_
     np.testing.assert_array_equal(two.example_counts_NLE, one.example_counts_NLE)
     np.testing.assert_array_equal(two.counts_LE, one.counts_LE)
     assert callable(profile_distributed)
+
+
+def test_every_preset_loads_as_a_valid_config():
+    from moe_sieve.training.config import PRESET_DIR
+
+    presets = sorted(PRESET_DIR.glob("*.yaml"))
+    assert len(presets) >= 6
+    for preset in presets:
+        config = TrainConfig.from_yaml(preset, out="runs/x")
+        assert (config.r, config.alpha, config.dropout, config.batch_size, config.epochs) == (32, 64, 0.05, 64, 3)
+        assert config.strategy == "topk" and config.k == "25%"
+    by_name = TrainConfig.from_yaml("olmoe-gsm8k", out="o", k="8")
+    assert by_name.k == "8" and by_name.data == "gsm8k"
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_dict({"model": "m", "data": "d", "out": "o", "lr": 1})
+
+
+def test_config_validation_names_the_option():
+    with pytest.raises(ValueError, match="--strategy"):
+        TrainConfig(model="m", data="d", out="o", strategy="hot")
+    with pytest.raises(ValueError, match="multiple of --micro-batch-size"):
+        TrainConfig(model="m", data="d", out="o", batch_size=10, micro_batch_size=4)
+
+
+def test_train_cli(monkeypatch, capsys, tiny_model_dir, toy_data, tmp_path):
+    from .test_cli import run_cli
+
+    code, out, err = run_cli(
+        monkeypatch, capsys, "train", "--model", tiny_model_dir, "--data", toy_data, "--out", tmp_path / "cli",
+        "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", 4, "--r", 4, "--alpha", 8, "--device", "cpu",
+        "--strategy", "greedy", "--targets", "attention,experts",
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["strategy"] == "greedy"
+    assert metrics["trainable_params_by_group"]["router"] == 0
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", toy_data)
+    assert code == 2 and "--out" in err
