@@ -133,3 +133,25 @@ def test_plan_attach_and_merge_commands(monkeypatch, capsys, tmp_path, tiny_mode
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_export_peft_command(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter, trainable_parameters
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_sieve_lora(model, {0: [1, 2], 1: [0], 2: [7]}, SieveLoraConfig(r=4, alpha=8, seed=0))
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.normal_(0, 0.05)
+        ids = torch.randint(0, 250, (1, 10))
+        expected = model.eval()(input_ids=ids).logits
+    save_sieve_adapter(model, tmp_path / "adapter", base_model=str(tiny_model_dir))
+    code, _, err = run_cli(monkeypatch, capsys, "export-peft", tmp_path / "adapter", "--out", tmp_path / "peft")
+    assert code == 0, err
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)

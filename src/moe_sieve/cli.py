@@ -425,6 +425,29 @@ def demo(
     )
 
 
+@app.command("export-peft")
+def export_peft(
+    adapter: Annotated[Path, typer.Argument(help="moe-sieve adapter directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the PEFT adapter.")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model (default: the one named in the adapter).")
+    ] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Write the adapter in HF PEFT's LoRA format, for `PeftModel.from_pretrained(base, OUT)`."""
+    from .adapters import export_peft_adapter, load_sieve_adapter, read_adapter_config
+    from .modeling import ModelSpec, load_model
+
+    base = model or read_adapter_config(adapter)["base_model"]["id"]
+    if not base:
+        _fail(f"{adapter}: the adapter names no base model; pass --model")
+    net = load_model(ModelSpec(model=base, device="cpu", trust_remote_code=trust_remote_code))
+    load_sieve_adapter(net, adapter)
+    export_peft_adapter(net, out, base_model=base, overwrite=overwrite)
+    console.print(f"[green]PEFT adapter written[/] to {out} (PeftModel.from_pretrained(base, '{out}'))")
+
+
 def _train(preset: str | None, overwrite: bool, resume: bool, **options) -> None:
     """Profile -> select -> LoRA fine-tune on transformers' Trainer; one GPU, CPU, or under
     `accelerate launch` / `torchrun` for DDP/FSDP."""

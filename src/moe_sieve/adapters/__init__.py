@@ -5,6 +5,7 @@ from .config import SieveLoraConfig
 from .experts import ExpertLoRA, sieve_lora_experts_forward
 from .io import load_sieve_adapter, merge_sieve_lora, read_adapter_config, save_sieve_adapter
 from .lora import LoraLinear, LoraWeightDelta
+from .peft_export import export_peft_adapter
 from .plan import plan_adapters
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "SieveLoraConfig",
     "SieveState",
     "apply_sieve_lora",
+    "export_peft_adapter",
     "load_sieve_adapter",
     "merge_sieve_lora",
     "plan_adapters",
