@@ -232,9 +232,31 @@ def test_train_cli(monkeypatch, capsys, tiny_model_dir, toy_data, tmp_path):
     from .test_cli import run_cli
 
     code, out, err = run_cli(
-        monkeypatch, capsys, "train", "--model", tiny_model_dir, "--data", toy_data, "--out", tmp_path / "cli",
-        "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", 4, "--r", 4, "--alpha", 8, "--device", "cpu",
-        "--strategy", "greedy", "--targets", "attention,experts",
+        monkeypatch,
+        capsys,
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        toy_data,
+        "--out",
+        tmp_path / "cli",
+        "--max-steps",
+        2,
+        "--batch-size",
+        8,
+        "--micro-batch-size",
+        4,
+        "--r",
+        4,
+        "--alpha",
+        8,
+        "--device",
+        "cpu",
+        "--strategy",
+        "greedy",
+        "--targets",
+        "attention,experts",
     )
     assert code == 0, err
     metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
