@@ -131,6 +131,17 @@ def test_conditions_report_expected_trainable_parameters(
     assert result.metrics["adapted_experts"] == layers * n_experts
 
 
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_model_dir, toy_data, tmp_path):
+    plain = train(_config(tiny_model_dir, toy_data, tmp_path / "plain", max_steps=2, dropout=0.0))
+    ckpt = train(
+        _config(tiny_model_dir, toy_data, tmp_path / "gc", max_steps=2, dropout=0.0, gradient_checkpointing=True)
+    )
+    a = load_file(plain.run_dir / "adapter" / "adapter.safetensors")
+    b = load_file(ckpt.run_dir / "adapter" / "adapter.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
 def test_existing_results_are_not_overwritten(tiny_model_dir, toy_data, tmp_path):
     train(_config(tiny_model_dir, toy_data, tmp_path / "run", max_steps=1))
     before = (tmp_path / "run" / "metrics.json").read_bytes()
@@ -154,6 +165,20 @@ def test_bad_rows_empty_data_and_foreign_selection(tiny_model_dir, toy_data, tmp
     Selection({0: [1], 1: [2]}, num_experts=16, strategy="topk").save(foreign)
     with pytest.raises(ProfileMismatchError, match="does not fit"):
         train(_config(tiny_model_dir, toy_data, tmp_path / "r3", selection=str(foreign)))
+    other = Profile(
+        np.ones((2, 16), np.int64),
+        np.ones((2, 16), np.float32),
+        np.ones((1, 2, 16), np.int32),
+        np.ones((1, 2, 16), np.float32),
+        np.ones(1, np.int64),
+        [0, 1],
+        16,
+        2,
+        {"model": {"id": "other"}},
+    )
+    other.save(tmp_path / "other-profile")
+    with pytest.raises(ProfileMismatchError, match="'other' does not fit"):
+        train(_config(tiny_model_dir, toy_data, tmp_path / "r4", profile=str(tmp_path / "other-profile")))
 
 
 def test_nan_loss_stops_with_step(tiny_model_dir, toy_data, tmp_path):
