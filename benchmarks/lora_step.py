@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from transformers import OlmoeConfig, OlmoeForCausalLM
+from _shapes import PRESETS, build_olmoe
 
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
 from moe_sieve.arch import find_moe_layers, get_arch
@@ -29,45 +29,9 @@ from moe_sieve.profiling import RoutingRecorder
 from moe_sieve.selection import select_topk
 from moe_sieve.stats import resolve_k
 
-PRESETS = {
-    "small": dict(
-        hidden_size=256,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_experts=32,
-        num_experts_per_tok=4,
-        vocab_size=8192,
-    ),
-    "olmoe-1b-7b": dict(
-        hidden_size=2048,
-        intermediate_size=1024,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        num_experts=64,
-        num_experts_per_tok=8,
-        vocab_size=50304,
-    ),
-}
 
-
-def build_base(preset: str, seq_len: int, device: torch.device, dtype: torch.dtype) -> OlmoeForCausalLM:
-    torch.manual_seed(0)
-    config = OlmoeConfig(
-        **PRESETS[preset],
-        max_position_embeddings=max(4096, seq_len),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = OlmoeForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0.0, 0.02)
-    return model.to(device=device, dtype=dtype)
+def build_base(preset: str, seq_len: int, device: torch.device, dtype: torch.dtype):
+    return build_olmoe(preset, seq_len).to(device=device, dtype=dtype)
 
 
 def hot_selection(model, input_ids: torch.Tensor, k: str) -> dict[int, list[int]]:

@@ -14,34 +14,11 @@ import statistics
 import time
 
 import torch
-from transformers import OlmoeConfig, OlmoeForCausalLM
+from _shapes import PRESETS, build_olmoe
 
 from moe_sieve.arch import find_moe_layers, get_arch
 from moe_sieve.profiling import RoutingRecorder
 from moe_sieve.profiling.profiler import _forward_kwargs
-
-PRESETS = {
-    "small": dict(
-        hidden_size=256,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_experts=32,
-        num_experts_per_tok=4,
-        vocab_size=8192,
-    ),
-    "olmoe-1b-7b": dict(
-        hidden_size=2048,
-        intermediate_size=1024,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        num_experts=64,
-        num_experts_per_tok=8,
-        vocab_size=50304,
-    ),
-}
 
 
 def main() -> None:
@@ -57,21 +34,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.manual_seed(0)
-    config = OlmoeConfig(
-        **PRESETS[args.preset],
-        max_position_embeddings=max(4096, args.seq_len),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    if args.experts_implementation:
-        config._experts_implementation = args.experts_implementation
-    model = OlmoeForCausalLM(config).to(device=device, dtype=dtype).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0.0, 0.02)
+    model = build_olmoe(args.preset, args.seq_len, args.experts_implementation).to(device=device, dtype=dtype).eval()
+    config = model.config
     layers = find_moe_layers(model)
     input_ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     attention_mask = torch.ones_like(input_ids)

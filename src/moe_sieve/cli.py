@@ -354,6 +354,20 @@ def attach(
     console.print(state.table())
 
 
+def _load_adapted(adapter: Path, model: str | None, trust_remote_code: bool, dtype: str = "auto"):
+    """The base model named by ``--model`` or by the adapter, on CPU, with the adapter loaded."""
+    from .adapters import load_sieve_adapter, read_adapter_config
+    from .modeling import ModelSpec, load_model
+
+    base = model or read_adapter_config(adapter)["base_model"]["id"]
+    if not base:
+        _fail(f"{adapter}: the adapter names no base model; pass --model")
+    spec = ModelSpec(model=base, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    net = load_model(spec)
+    load_sieve_adapter(net, adapter)
+    return net, spec
+
+
 @app.command()
 def merge(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (adapter.safetensors + adapter_config.json).")],
@@ -367,21 +381,16 @@ def merge(
 ) -> None:
     """Fold the adapter into the base weights and write a plain transformers checkpoint."""
     from ._io import atomic_dir
-    from .adapters import load_sieve_adapter, merge_sieve_lora, read_adapter_config
-    from .modeling import ModelSpec, load_model, load_tokenizer
+    from .adapters import merge_sieve_lora
+    from .modeling import load_tokenizer
 
-    base = model or read_adapter_config(adapter)["base_model"]["id"]
-    if not base:
-        _fail(f"{adapter}: the adapter names no base model; pass --model")
-    spec = ModelSpec(model=base, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     with atomic_dir(out, overwrite) as tmp:
-        merged = load_model(spec)
-        load_sieve_adapter(merged, adapter)
+        merged, spec = _load_adapted(adapter, model, trust_remote_code, dtype)
         merge_sieve_lora(merged).save_pretrained(tmp)
         try:
             load_tokenizer(spec).save_pretrained(tmp)
         except (OSError, ValueError):
-            err_console.print(f"[yellow]no tokenizer found for {base}; wrote the model only[/]")
+            err_console.print(f"[yellow]no tokenizer found for {spec.model}; wrote the model only[/]")
     console.print(f"[green]merged checkpoint written[/] to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -436,15 +445,10 @@ def export_peft(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Write the adapter in HF PEFT's LoRA format, for `PeftModel.from_pretrained(base, OUT)`."""
-    from .adapters import export_peft_adapter, load_sieve_adapter, read_adapter_config
-    from .modeling import ModelSpec, load_model
+    from .adapters import export_peft_adapter
 
-    base = model or read_adapter_config(adapter)["base_model"]["id"]
-    if not base:
-        _fail(f"{adapter}: the adapter names no base model; pass --model")
-    net = load_model(ModelSpec(model=base, device="cpu", trust_remote_code=trust_remote_code))
-    load_sieve_adapter(net, adapter)
-    export_peft_adapter(net, out, base_model=base, overwrite=overwrite)
+    net, spec = _load_adapted(adapter, model, trust_remote_code)
+    export_peft_adapter(net, out, base_model=spec.model, overwrite=overwrite)
     console.print(f"[green]PEFT adapter written[/] to {out} (PeftModel.from_pretrained(base, '{out}'))")
 
 

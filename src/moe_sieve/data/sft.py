@@ -7,7 +7,6 @@ experts was measured on exactly the token sequences that fine-tuning then feeds 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from .calibration import pad_token_id_for, tokenize_example
-from .tasks import TASKS, Example, _select, _single_file_split, load_examples
+from .tasks import TASKS, Example, _select, _single_file_split, iter_jsonl_objects, load_examples
 
 Overflow = Literal["truncate", "drop"]
 
@@ -48,18 +47,7 @@ def _read_chat_rows(path: Path) -> list[tuple[int, list[Any]]] | None:
     text = path.read_text(encoding="utf-8-sig")
     if '"messages"' not in text:  # cheap pre-check: plain files go straight to read_jsonl
         return None
-    rows: list[tuple[int, Any]] = []
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((line_no, obj))
+    rows: list[tuple[int, Any]] = [(line_no, obj) for line_no, _, obj in iter_jsonl_objects(path)]
     chat = [("messages" in obj) for _, obj in rows]
     if not any(chat):
         return None

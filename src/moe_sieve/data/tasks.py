@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,11 +304,8 @@ def _load_task(
     return _format_rows(dataset.select(indices), indices, origin, spec, fmt)
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Generic calibration JSONL: one object per line with ``text`` or ``prompt`` + ``completion``."""
-    path = Path(path)
-    examples = []
-    accepted = "each line needs 'text', or 'prompt' and 'completion' (strings)"
+def iter_jsonl_objects(path: Path, hint: str = "") -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """``(line number, "file:line", object)`` for each non-blank line; bad JSON names the file and line."""
     with path.open(encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -319,22 +316,31 @@ def read_jsonl(path: str | Path) -> list[Example]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}; {accepted}")
-            has_text = "text" in obj
-            has_pair = "prompt" in obj or "completion" in obj
-            if has_text and has_pair:
-                raise ValueError(f"{where}: has both 'text' and 'prompt'/'completion'; {accepted}")
-            if has_text:
-                prompt, completion = "", obj["text"]
-            elif "prompt" in obj and "completion" in obj:
-                prompt, completion = obj["prompt"], obj["completion"]
-            else:
-                missing = "'completion'" if "prompt" in obj else "'prompt'" if has_pair else "'text'"
-                found = ", ".join(obj) or "none"
-                raise ValueError(f"{where}: missing field {missing}; {accepted} (found: {found})")
-            if not isinstance(prompt, str) or not isinstance(completion, str):
-                raise ValueError(f"{where}: fields must be strings; {accepted}")
-            examples.append(Example(prompt, completion, where))
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}{hint}")
+            yield line_no, where, obj
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Generic calibration JSONL: one object per line with ``text`` or ``prompt`` + ``completion``."""
+    path = Path(path)
+    examples = []
+    accepted = "each line needs 'text', or 'prompt' and 'completion' (strings)"
+    for _, where, obj in iter_jsonl_objects(path, f"; {accepted}"):
+        has_text = "text" in obj
+        has_pair = "prompt" in obj or "completion" in obj
+        if has_text and has_pair:
+            raise ValueError(f"{where}: has both 'text' and 'prompt'/'completion'; {accepted}")
+        if has_text:
+            prompt, completion = "", obj["text"]
+        elif "prompt" in obj and "completion" in obj:
+            prompt, completion = obj["prompt"], obj["completion"]
+        else:
+            missing = "'completion'" if "prompt" in obj else "'prompt'" if has_pair else "'text'"
+            found = ", ".join(obj) or "none"
+            raise ValueError(f"{where}: missing field {missing}; {accepted} (found: {found})")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError(f"{where}: fields must be strings; {accepted}")
+        examples.append(Example(prompt, completion, where))
     return examples
 
 
