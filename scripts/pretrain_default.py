@@ -152,7 +152,7 @@ def main() -> None:
     }, indent=2, default=str) + "\n")
     log = [entry for entry in trainer.state.log_history]
     (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    final = [e["loss"] for e in log if "loss" in e]
+    final = [e["loss"] for e in log if "loss" in e] or [trainer.state.log_history[-1].get("train_loss", float("nan"))]
     print(f"done in {time.time() - started:.0f} s; loss {final[0]:.3f} -> {final[-1]:.3f} "
           f"(ppl {math.exp(final[-1]):.1f})", flush=True)
 

@@ -155,3 +155,17 @@ def test_export_peft_command(monkeypatch, capsys, tmp_path, tiny_model_dir):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(peft_model.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_command_writes_results(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    rows = [{"question": f"What is {a} + 1?", "answer": f"{a} + 1 = {a + 1}.\n#### {a + 1}"} for a in range(3)]
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", "--model", tiny_model_dir, "--data", f"gsm8k:{data}", "--max-new-tokens", 4, "--device", "cpu"]
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "r.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["task"] == "gsm8k" and result["n"] == 3 and 0.0 <= result["accuracy"] <= 1.0
+    assert [p["gold"] for p in result["predictions"]] == ["1", "2", "3"]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "r.json")
+    assert code == 2 and "--overwrite" in err

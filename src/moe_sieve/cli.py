@@ -452,6 +452,51 @@ def export_peft(
     console.print(f"[green]PEFT adapter written[/] to {out} (PeftModel.from_pretrained(base, '{out}'))")
 
 
+@app.command("eval")
+def eval_command(
+    data: DataOpt,
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: Annotated[Path | None, typer.Option(help="moe-sieve adapter directory to evaluate on the model.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split (default: the task's evaluation split).")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Evaluate at most this many examples.")] = None,
+    spider_dir: Annotated[str | None, typer.Option(help="Spider directory (tables.json, database/).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget for GSM8K and Spider.")] = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
+) -> None:
+    """Accuracy on GSM8K (exact match), HellaSwag (normalised) or Spider (execution, read-only SQL)."""
+    from ._io import atomic_write_json, ensure_writable
+    from .adapters import load_sieve_adapter
+    from .evaluation import evaluate
+    from .modeling import ModelSpec, load_model, load_tokenizer
+
+    if out is not None:
+        ensure_writable(out, overwrite)
+    spec = ModelSpec(model=model, device=device, trust_remote_code=trust_remote_code)
+    net, tokenizer = load_model(spec), load_tokenizer(spec)
+    if adapter is not None:
+        load_sieve_adapter(net, adapter)
+    result = evaluate(
+        net,
+        tokenizer,
+        data,
+        split=split,
+        max_examples=max_examples,
+        spider_dir=spider_dir,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    norm = "" if result.accuracy_norm is None else f", normalised {result.accuracy_norm:.4f}"
+    console.print(f"{result.task}: accuracy [bold]{result.accuracy:.4f}[/]{norm} on {result.n} examples")
+    if out is not None:
+        atomic_write_json(
+            out, {"model": model, "adapter": None if adapter is None else str(adapter), **result.to_json()}
+        )
+
+
 def _train(preset: str | None, overwrite: bool, resume: bool, **options) -> None:
     """Profile -> select -> LoRA fine-tune on transformers' Trainer; one GPU, CPU, or under
     `accelerate launch` / `torchrun` for DDP/FSDP."""

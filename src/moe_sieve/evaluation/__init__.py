@@ -1,0 +1,24 @@
+"""Task metrics of the paper's evaluation (§5.1): Spider execution accuracy, GSM8K exact match, HellaSwag
+normalised accuracy."""
+
+from .common import EvalResult
+from .evaluate import EVAL_SPLITS, evaluate, load_task_rows
+from .gsm8k import evaluate_gsm8k, extract_answer
+from .hellaswag import evaluate_hellaswag
+from .spider import QueryTimeout, cut_sql, evaluate_spider, execute_sql, execution_match, results_match
+
+__all__ = [
+    "EVAL_SPLITS",
+    "EvalResult",
+    "QueryTimeout",
+    "cut_sql",
+    "evaluate",
+    "evaluate_gsm8k",
+    "evaluate_hellaswag",
+    "evaluate_spider",
+    "execute_sql",
+    "execution_match",
+    "extract_answer",
+    "load_task_rows",
+    "results_match",
+]

@@ -1,0 +1,117 @@
+"""Loading a task's evaluation rows and dispatching to its metric (paper §5.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..data.tasks import TASKS, _format_rows, _load_task_rows, _select, get_task
+from .common import EvalResult
+
+# Fine-tuning defaults to each task's train split; evaluation to its held-out one (HellaSwag's test split has
+# no labels, Spider's test databases are not public).
+EVAL_SPLITS = {"gsm8k": "test", "hellaswag": "validation", "spider": "validation"}
+EVAL_TASKS = tuple(EVAL_SPLITS)
+
+
+def _parse_data(data: str) -> tuple[str, Path | None]:
+    """``TASK`` (hub) or ``TASK:PATH`` (local files in the hub schema) -> task name and path."""
+    if data in TASKS:
+        name, path = data, None
+    else:
+        name, sep, rest = data.partition(":")
+        if not (sep and name in TASKS and rest):
+            raise ValueError(
+                f"--data {data!r}: evaluation needs a task ({', '.join(EVAL_TASKS)}) or TASK:PATH "
+                "(a .jsonl/.json/.parquet/.csv file or a dataset directory in the hub schema)"
+            )
+        path = Path(rest)
+    if name not in EVAL_SPLITS:
+        raise ValueError(f"task {name!r} has no evaluator; evaluable tasks: {', '.join(EVAL_TASKS)}")
+    return name, path
+
+
+def _resource_dir(name: str, path: Path | None, resource_dir: str | None) -> str | None:
+    """The explicit directory, else the data's own folder when it holds the task's resource file (as
+    ``load_examples`` does: Spider's release keeps tables.json and database/ next to its rows)."""
+    resource_file = get_task(name).resource_file
+    if resource_dir is None and path is not None and resource_file is not None:
+        folder = path if path.is_dir() else path.parent
+        if (folder / resource_file).is_file():
+            return str(folder)
+    return resource_dir
+
+
+def _eval_split(name: str, path: Path | None, split: str | None) -> str | None:
+    """The split to read: as given, else the held-out one; a single file is its own split (None)."""
+    return (split or EVAL_SPLITS[name]) if path is None or path.is_dir() else split
+
+
+def load_task_rows(
+    data: str, split: str | None = None, max_examples: int | None = None, spider_dir: str | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """``(task name, raw rows)``: the evaluators need a row's own fields (gold answer, endings and label, db_id
+    and gold query), not only the prompt/completion pair.
+
+    Rows are read and validated exactly as ``load_examples`` reads them (same loaders, same errors); each
+    row gains ``_source`` (``origin:index``, as ``Example.source``). ``split`` defaults to the task's held-out
+    split (``EVAL_SPLITS``) for hub data and dataset directories; a single file is its own split.
+    """
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"--max-examples must be >= 1, got {max_examples}")
+    name, path = _parse_data(data)
+    spec = get_task(name)
+    split = _eval_split(name, path, split)
+    fmt = spec.formatter(_resource_dir(name, path, spider_dir))
+    dataset, origin = _load_task_rows(spec, path, split)
+    if len(dataset) == 0:
+        raise ValueError(f"{origin}: no examples")
+    indices = _select(len(dataset), None, max_examples, 0)
+    rows = [dict(row) for row in dataset.select(indices)]
+    examples = _format_rows(rows, indices, origin, spec, fmt)
+    for row, example in zip(rows, examples, strict=True):
+        row["_source"] = example.source
+    return name, rows
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    data: str,
+    *,
+    split: str | None = None,
+    max_examples: int | None = None,
+    spider_dir: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    timeout_s: float = 5.0,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``model`` on ``data`` (``gsm8k``, ``hellaswag``, ``spider`` or ``TASK:PATH``) with its metric."""
+    from .gsm8k import evaluate_gsm8k
+    from .hellaswag import evaluate_hellaswag
+    from .spider import evaluate_spider
+
+    name, path = _parse_data(data)
+    spider_dir = _resource_dir(name, path, spider_dir)
+    task, rows = load_task_rows(data, split, max_examples, spider_dir=spider_dir)
+    if task == "gsm8k":
+        result = evaluate_gsm8k(
+            model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        )
+    elif task == "hellaswag":
+        result = evaluate_hellaswag(model, tokenizer, rows, batch_size=batch_size, progress=progress)
+    else:
+        assert spider_dir is not None  # load_task_rows refuses spider without its schemas
+        result = evaluate_spider(
+            model,
+            tokenizer,
+            rows,
+            spider_dir=spider_dir,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            timeout_s=timeout_s,
+            progress=progress,
+        )
+    result.metadata.update({"data": data, "split": _eval_split(name, path, split), "max_examples": max_examples})
+    return result

@@ -1,0 +1,416 @@
+"""Evaluation: exact metrics through stubbed generation/scoring, real paths on a tiny random OLMoE, and the
+Spider executor's safety (read-only, time-limited) on a throwaway SQLite database."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from moe_sieve.data.tasks import format_gsm8k, format_hellaswag
+from moe_sieve.evaluation import (
+    EvalResult,
+    QueryTimeout,
+    common,
+    cut_sql,
+    evaluate,
+    evaluate_gsm8k,
+    evaluate_hellaswag,
+    evaluate_spider,
+    execute_sql,
+    execution_match,
+    extract_answer,
+    load_task_rows,
+    results_match,
+)
+
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\n#### 5"},
+    {"question": "A box holds 2 dozen eggs. How many eggs?", "answer": "2 * 12 = 24\n#### 24"},
+    {"question": "What is 1,000 plus 234?", "answer": "1,000 + 234 = 1,234\n#### 1,234"},
+]
+HELLASWAG_ROWS = [
+    {"activity_label": "Cooking", "ctx": "She cracks an egg", "endings": ["a", "into the hot pan.", "b", "c"],
+     "label": "1"},
+    {"activity_label": "", "ctx": "He opens the door", "endings": ["and walks in.", "x", "y", "z"], "label": "0"},
+]  # fmt: skip
+PROMPTS = ["Question: hi\nAnswer:", "Question: a somewhat longer prompt than the others\nAnswer:", "Q"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from moe_sieve.tiny import byte_level_tokenizer
+
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    from transformers import OlmoeForCausalLM
+
+    from moe_sieve.tiny import tiny_olmoe_config
+
+    torch.manual_seed(0)
+    config = tiny_olmoe_config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_experts=4
+    )
+    model = OlmoeForCausalLM(config)
+    with torch.no_grad():  # spread the routers so routing differs per token, as in a real model
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def stub_generate(monkeypatch, outputs: dict[str, str]) -> list[list[str]]:
+    """Replace batched generation by a prompt -> text table; returns the batches it was called with."""
+    calls: list[list[str]] = []
+
+    def fake(model, tokenizer, prompts, max_new_tokens, stops=()):
+        calls.append(list(prompts))
+        return [outputs[p] for p in prompts]
+
+    monkeypatch.setattr(common, "_generate", fake)
+    return calls
+
+
+# --- GSM8K ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3 + 2 = 5\n#### 5", "5"),
+        ("so 1,000 + 234 = 1,234\n#### 1,234", "1234"),
+        ("#### $1,234,567.", "1234567"),
+        ("She lost money.\n#### -7", "-7"),
+        ("#### 5.0", "5"),
+        ("#### 2.50", "2.5"),
+        ("#### 12 apples, not 13", "12"),
+        ("First 3 then 4 so the answer is 17.", "17"),
+        ("It costs -3.", "-3"),
+        ("The total is 1,200 dollars", "1200"),
+        ("####\nbut then 8", "8"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_gsm8k_exact_match_with_stubbed_generation(monkeypatch, tiny_model, tokenizer):
+    prompts = [format_gsm8k(row)[0] for row in GSM8K_ROWS]
+    calls = stub_generate(
+        monkeypatch,
+        {
+            prompts[0]: " 3 + 2 = 5\n#### 5",
+            # The run-on second problem is cut off, so its 99 does not become the last number.
+            prompts[1]: " 2 * 12 = 24 eggs.\n\nQuestion: Bob has 99 eggs\nAnswer: 99",
+            prompts[2]: " 1,000 + 234 = 1,244\n#### 1,244",
+        },
+    )
+    result = evaluate_gsm8k(tiny_model, tokenizer, GSM8K_ROWS, batch_size=2, progress=False)
+    assert (result.task, result.n, result.correct) == ("gsm8k", 3, 2)
+    assert result.accuracy == pytest.approx(2 / 3)
+    assert [p["prediction"] for p in result.predictions] == ["5", "24", "1244"]
+    assert [p["gold"] for p in result.predictions] == ["5", "24", "1234"]
+    assert [p["correct"] for p in result.predictions] == [True, True, False]
+    assert result.predictions[1]["completion"] == " 2 * 12 = 24 eggs.\n\n"
+    assert sorted(len(batch) for batch in calls) == [1, 2]  # batch_size respected, every prompt once
+    assert sorted(p for batch in calls for p in batch) == sorted(prompts)
+    json.dumps(result.to_json())
+
+
+def test_gsm8k_on_tiny_model_restores_training_mode(tiny_model, tokenizer):
+    tiny_model.train()
+    try:
+        result = evaluate_gsm8k(tiny_model, tokenizer, GSM8K_ROWS[:2], max_new_tokens=4, progress=False)
+        assert tiny_model.training
+    finally:
+        tiny_model.eval()
+    assert result.n == 2 and 0.0 <= result.accuracy <= 1.0
+    assert all(isinstance(p["completion"], str) for p in result.predictions)
+
+
+# --- generation -------------------------------------------------------------------------------------------
+
+
+def test_batched_left_padded_generation_equals_unbatched(tiny_model, tokenizer):
+    lengths = {len(tokenizer(p)["input_ids"]) for p in PROMPTS}
+    assert len(lengths) == 3
+    with torch.inference_mode():
+        batched = common._generate(tiny_model, tokenizer, PROMPTS, 8)
+        single = [common._generate(tiny_model, tokenizer, [p], 8)[0] for p in PROMPTS]
+    assert batched == single
+    assert tokenizer.padding_side == "right"  # left padding is built by hand, the tokenizer is untouched
+    in_order = common.generate_completions(
+        tiny_model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=2, progress=False
+    )
+    assert in_order == single
+
+
+def test_stop_strings_stop_generation(tiny_model, tokenizer):
+    prompt = tokenizer("Q:")["input_ids"]
+    stop = common._StopOnStrings(tokenizer, len(prompt), ["Question:"])
+    ids = torch.tensor([prompt + tokenizer("ab Question: c", add_special_tokens=False)["input_ids"],
+                        prompt + tokenizer("ab Quest xxxxx", add_special_tokens=False)["input_ids"]])  # fmt: skip
+    assert stop(ids, None).tolist() == [True, False]
+    assert common.cut_at("x;y\n\nz", (";", "\n\n")) == "x"
+    # "" is in every text: each row stops after its first token (one byte of the byte-level tokenizer).
+    with torch.inference_mode():
+        texts = common._generate(tiny_model, tokenizer, PROMPTS, 8, stops=("",))
+    assert all(len(text.encode()) <= 3 for text in texts)
+
+
+# --- HellaSwag --------------------------------------------------------------------------------------------
+
+
+def test_hellaswag_argmax_and_length_normalisation(monkeypatch, tiny_model, tokenizer):
+    seen = []
+
+    def fake_scores(model, tokenizer, pairs, batch_size, progress=True):
+        seen.extend(pairs)
+        # Row 0: raw favours the 1-char ending 0; per character the 17-char ending 1 (the label) wins.
+        # Row 1: ending 0 wins either way.
+        return [-2.0, -5.1, -8.0, -9.0, -1.0, -6.0, -7.0, -8.0]
+
+    monkeypatch.setattr(common, "_score_continuations", fake_scores)
+    result = evaluate_hellaswag(tiny_model, tokenizer, HELLASWAG_ROWS, progress=False)
+    assert seen[:2] == [("Cooking: She cracks an egg", " a"), ("Cooking: She cracks an egg", " into the hot pan.")]
+    assert seen[4] == (format_hellaswag(HELLASWAG_ROWS[1])[0], " and walks in.")
+    assert (result.accuracy, result.accuracy_norm) == (0.5, 1.0)
+    first = result.predictions[0]
+    assert (first["prediction_raw"], first["prediction"], first["gold"]) == (0, 1, 1)
+    assert (first["correct_raw"], first["correct"]) == (False, True)
+
+
+def test_hellaswag_logprob_scorer_matches_full_forward(tiny_model, tokenizer):
+    context = "Cooking: She cracks an egg"
+    endings = [" into the hot pan.", " a", " and then sings loudly"]
+    scores = common._score_continuations(tiny_model, tokenizer, [(context, e) for e in endings], 2, progress=False)
+    for ending, score in zip(endings, scores, strict=True):
+        ctx_ids = tokenizer(context)["input_ids"]
+        ids = ctx_ids + tokenizer(ending, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(tiny_model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        expected = sum(float(logprobs[t - 1, ids[t]]) for t in range(len(ctx_ids), len(ids)))
+        assert score == pytest.approx(expected, abs=1e-4)
+    result = evaluate_hellaswag(tiny_model, tokenizer, HELLASWAG_ROWS, batch_size=3, progress=False)
+    assert result.n == 2 and len(result.predictions[0]["logprobs"]) == 4
+
+
+# --- Spider -----------------------------------------------------------------------------------------------
+
+TABLES = [
+    {
+        "db_id": "shop",
+        "table_names_original": ["people"],
+        "column_names_original": [[-1, "*"], [0, "id"], [0, "name"], [0, "age"]],
+        "column_types": ["text", "number", "text", "number"],
+        "primary_keys": [1],
+        "foreign_keys": [],
+    }
+]
+PEOPLE = [(1, "Ann", 30), (2, "Bob", 25), (3, "Cid", 30), (4, "Dee", 41)]
+SPIDER_ROWS = [
+    {"db_id": "shop", "question": "How many people?", "query": "SELECT count(*) FROM people"},
+    {"db_id": "shop", "question": "Names by age.", "query": "SELECT name FROM people ORDER BY age, name"},
+    {"db_id": "shop", "question": "Names and ages over 26.", "query": "SELECT name, age FROM people WHERE age > 26"},
+]
+
+
+@pytest.fixture
+def spider_dir(tmp_path) -> Path:
+    root = tmp_path / "spider"
+    (root / "database" / "shop").mkdir(parents=True)
+    (root / "tables.json").write_text(json.dumps(TABLES))
+    conn = sqlite3.connect(root / "database" / "shop" / "shop.sqlite")
+    conn.execute("CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT, age INTEGER)")
+    conn.executemany("INSERT INTO people VALUES (?, ?, ?)", PEOPLE)
+    conn.commit()
+    conn.close()
+    return root
+
+
+def db_of(spider_dir: Path) -> Path:
+    return spider_dir / "database" / "shop" / "shop.sqlite"
+
+
+def test_cut_sql():
+    assert cut_sql(" SELECT 1 FROM t; SELECT 2") == "SELECT 1 FROM t"
+    assert cut_sql("SELECT a\nFROM t\n\nQuestion: next") == "SELECT a\nFROM t"
+    assert cut_sql("SELECT a FROM t\n-- Question: more") == "SELECT a FROM t"
+
+
+def test_execution_match_ignores_column_order_and_aliases(spider_dir):
+    db = db_of(spider_dir)
+    gold = "SELECT name, age FROM people WHERE age > 26"
+    for pred in (
+        "SELECT age AS a, name AS n FROM people WHERE age >= 27",
+        "SELECT name, age FROM people WHERE age > 26 ORDER BY name DESC",  # gold unordered: any order matches
+    ):
+        assert execution_match(db, pred, gold) == (True, None)
+    assert execution_match(db, "SELECT name, age FROM people", gold) == (False, None)
+    assert execution_match(db, "SELECT name FROM people WHERE age > 26", gold) == (False, None)
+    # Multisets, not sets: duplicates count.
+    assert execution_match(db, "SELECT DISTINCT age FROM people", "SELECT age FROM people") == (False, None)
+    assert results_match([(1, "a"), (2, "b")], [("a", 1), ("b", 2)], ordered=True)
+    assert not results_match([(1, "a"), (2, "b")], [("b", 2), ("a", 1)], ordered=True)
+    assert results_match([(1, "a"), (2, "b")], [("b", 2), ("a", 1)], ordered=False)
+    assert results_match([], [], ordered=False)
+
+
+def test_execution_match_respects_gold_order_by(spider_dir):
+    db = db_of(spider_dir)
+    gold = "SELECT name FROM people ORDER BY age, name"
+    assert execution_match(db, "SELECT name FROM people ORDER BY age ASC, id", gold) == (True, None)
+    assert execution_match(db, "SELECT name FROM people ORDER BY age DESC", gold) == (False, None)
+    assert execution_match(db, "SELECT name FROM people", gold) == (False, None)
+
+
+def test_predicted_writes_fail_and_leave_the_database_unchanged(spider_dir, tmp_path):
+    db = db_of(spider_dir)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    gold = "SELECT count(*) FROM people"
+    attached = tmp_path / "attached.db"
+    for pred in (
+        "DELETE FROM people",
+        "DROP TABLE people",
+        "UPDATE people SET age = 0",
+        "INSERT INTO people VALUES (9, 'Eve', 1)",
+        "CREATE TABLE x (a)",
+        "PRAGMA query_only = OFF",
+        f"ATTACH DATABASE '{attached}' AS other",
+        "SELECT 1; DELETE FROM people",
+    ):
+        correct, error = execution_match(db, pred, gold)
+        assert not correct and error, pred
+        with pytest.raises(sqlite3.Error):
+            execute_sql(db, pred)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert not attached.exists()
+    assert execute_sql(db, "SELECT id, name, age FROM people ORDER BY id") == PEOPLE
+
+
+def test_slow_query_is_aborted(spider_dir):
+    db = db_of(spider_dir)
+    endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    start = time.monotonic()
+    with pytest.raises(QueryTimeout, match="timed out"):
+        execute_sql(db, endless, timeout_s=0.3)
+    correct, error = execution_match(db, endless, "SELECT count(*) FROM people", timeout_s=0.3)
+    assert time.monotonic() - start < 3.0
+    assert not correct and "timed out" in error
+
+
+def test_evaluate_spider_with_stubbed_generation(monkeypatch, tiny_model, tokenizer, spider_dir):
+    rows = [dict(row, _source=f"dev:{i}") for i, row in enumerate(SPIDER_ROWS)]
+    stub_generate(
+        monkeypatch,
+        {
+            f"-- Database: shop\n{_schema()}\n-- Question: {row['question']}\n-- SQL:\n": output
+            for row, output in zip(
+                rows,
+                [
+                    "SELECT count(id) FROM people; SELECT 1",
+                    "SELECT name FROM people ORDER BY age DESC\n\n-- Question: more",
+                    "DROP TABLE people",
+                ],
+                strict=True,
+            )
+        },
+    )
+    result = evaluate_spider(tiny_model, tokenizer, rows, spider_dir=spider_dir, progress=False)
+    assert (result.n, result.correct) == (3, 1)
+    assert result.accuracy == pytest.approx(1 / 3)
+    assert [p["prediction"] for p in result.predictions] == [
+        "SELECT count(id) FROM people",
+        "SELECT name FROM people ORDER BY age DESC",
+        "DROP TABLE people",
+    ]
+    assert [p["source"] for p in result.predictions] == ["dev:0", "dev:1", "dev:2"]
+    assert result.predictions[0]["error"] is None and "not authorized" in result.predictions[2]["error"]
+    assert execute_sql(db_of(spider_dir), "SELECT count(*) FROM people") == [(4,)]
+
+    with pytest.raises(FileNotFoundError, match="database"):
+        evaluate_spider(tiny_model, tokenizer, [dict(rows[0], db_id="flights")], spider_dir=spider_dir, progress=False)
+
+
+def _schema() -> str:
+    from moe_sieve.data.tasks import render_spider_schema
+
+    return render_spider_schema(TABLES[0])
+
+
+# --- loading and dispatch ---------------------------------------------------------------------------------
+
+
+def test_load_task_rows_local_files_and_directories(tmp_path, spider_dir):
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    task, rows = load_task_rows(f"gsm8k:{path}", max_examples=2)
+    assert task == "gsm8k" and [r["answer"] for r in rows] == [r["answer"] for r in GSM8K_ROWS[:2]]
+    assert rows[1]["_source"] == f"{path}:1"
+
+    folder = tmp_path / "hellaswag"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [HELLASWAG_ROWS[1]])
+    write_jsonl(folder / "validation.jsonl", HELLASWAG_ROWS)
+    task, rows = load_task_rows(f"hellaswag:{folder}")  # evaluation defaults to the held-out split
+    assert task == "hellaswag" and len(rows) == 2 and rows[0]["endings"] == HELLASWAG_ROWS[0]["endings"]
+    assert rows[0]["_source"] == f"{folder}[validation]:0"
+    assert len(load_task_rows(f"hellaswag:{folder}", split="train")[1]) == 1
+
+    # Spider's release keeps tables.json next to its rows: found without spider_dir.
+    write_jsonl(spider_dir / "dev.jsonl", SPIDER_ROWS)
+    task, rows = load_task_rows(f"spider:{spider_dir / 'dev.jsonl'}")
+    assert task == "spider" and rows[2]["query"] == SPIDER_ROWS[2]["query"]
+
+    with pytest.raises(ValueError, match="evaluation needs a task"):
+        load_task_rows(str(path))
+    with pytest.raises(ValueError, match="--spider-dir"):
+        load_task_rows(f"spider:{write_jsonl(tmp_path / 'dev.jsonl', SPIDER_ROWS)}")
+    with pytest.raises(ValueError, match=r"row 1: missing field 'answer'"):
+        load_task_rows(f"gsm8k:{write_jsonl(tmp_path / 'bad.jsonl', [GSM8K_ROWS[0], {'question': 'q'}])}")
+
+
+def test_load_task_rows_hub_defaults_to_held_out_split(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, *, split):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(GSM8K_ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    task, rows = load_task_rows("gsm8k", max_examples=1)
+    assert calls == [("openai/gsm8k", "main", "test")] and len(rows) == 1
+    assert rows[0]["_source"] == "openai/gsm8k[test]:0"
+
+
+def test_evaluate_dispatches_on_the_task(monkeypatch, tmp_path, tiny_model, tokenizer, spider_dir):
+    stub_generate(monkeypatch, {format_gsm8k(row)[0]: " #### 5" for row in GSM8K_ROWS})
+    result = evaluate(tiny_model, tokenizer, f"gsm8k:{write_jsonl(tmp_path / 'g.jsonl', GSM8K_ROWS)}", progress=False)
+    assert isinstance(result, EvalResult) and result.task == "gsm8k"
+    assert result.accuracy == pytest.approx(1 / 3)
+    assert result.to_json()["predictions"][0]["correct"] is True
+    monkeypatch.undo()
+
+    # Real generation on the tiny model: random SQL, but the whole path runs and every row is recorded.
+    write_jsonl(spider_dir / "dev.jsonl", SPIDER_ROWS)
+    result = evaluate(tiny_model, tokenizer, f"spider:{spider_dir / 'dev.jsonl'}", max_new_tokens=6, progress=False)
+    assert result.task == "spider" and result.n == 3 and len(result.predictions) == 3
+
+    hella = write_jsonl(tmp_path / "h.jsonl", HELLASWAG_ROWS)
+    result = evaluate(tiny_model, tokenizer, f"hellaswag:{hella}", max_examples=1, progress=False)
+    assert result.task == "hellaswag" and result.n == 1 and result.accuracy_norm is not None
