@@ -100,14 +100,29 @@ def test_cli_errors_are_clear_and_nothing_is_overwritten(monkeypatch, capsys, tm
     assert code == 2 and "not a moe-sieve profile" in err
 
 
+def _saved_random_adapter(model_dir, path):
+    """Save an adapter with non-zero factors on the tiny model; return inputs and the adapted logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter, trainable_parameters
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    apply_sieve_lora(model, {0: [1, 2], 1: [0], 2: [7]}, SieveLoraConfig(r=4, alpha=8, seed=0))
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.normal_(0, 0.05)
+        ids = torch.randint(0, 250, (1, 10))
+        expected = model.eval()(input_ids=ids).logits
+    save_sieve_adapter(model, path, base_model=str(model_dir))
+    return ids, expected
+
+
 def test_plan_attach_and_merge_commands(monkeypatch, capsys, tmp_path, tiny_model_dir):
     from pathlib import Path
 
     import torch
     from transformers import AutoModelForCausalLM
-
-    from moe_sieve.adapters import apply_sieve_lora, save_sieve_adapter, trainable_parameters
-    from moe_sieve.adapters.config import SieveLoraConfig
 
     fixture = Path(__file__).parent / "fixtures" / "olmoe-1b-7b.config.json"
     code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", fixture, "--json")
@@ -119,14 +134,7 @@ def test_plan_attach_and_merge_commands(monkeypatch, capsys, tmp_path, tiny_mode
     assert code == 0, err
     assert "8/8" in out and "trainable" in out
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    apply_sieve_lora(model, {0: [1, 2], 1: [0], 2: [7]}, SieveLoraConfig(r=4, alpha=8, seed=0))
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.normal_(0, 0.05)
-        ids = torch.randint(0, 250, (1, 10))
-        expected = model.eval()(input_ids=ids).logits
-    save_sieve_adapter(model, tmp_path / "adapter", base_model=str(tiny_model_dir))
+    ids, expected = _saved_random_adapter(tiny_model_dir, tmp_path / "adapter")
     code, out, err = run_cli(monkeypatch, capsys, "merge", tmp_path / "adapter", "--out", tmp_path / "merged")
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -140,16 +148,7 @@ def test_export_peft_command(monkeypatch, capsys, tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter, trainable_parameters
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    apply_sieve_lora(model, {0: [1, 2], 1: [0], 2: [7]}, SieveLoraConfig(r=4, alpha=8, seed=0))
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.normal_(0, 0.05)
-        ids = torch.randint(0, 250, (1, 10))
-        expected = model.eval()(input_ids=ids).logits
-    save_sieve_adapter(model, tmp_path / "adapter", base_model=str(tiny_model_dir))
+    ids, expected = _saved_random_adapter(tiny_model_dir, tmp_path / "adapter")
     code, _, err = run_cli(monkeypatch, capsys, "export-peft", tmp_path / "adapter", "--out", tmp_path / "peft")
     assert code == 0, err
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft")
