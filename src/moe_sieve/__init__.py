@@ -4,7 +4,7 @@ The recipe, one stage per module, each writing an artifact the next one reads::
 
     from moe_sieve import ProfileConfig, run_profile, routing_stats, make_selection
 
-    profile = run_profile(ProfileConfig(model="tiny-random-olmoe", data="calib.jsonl"))
+    profile = run_profile(ProfileConfig(model="moe-sieve-default", data="gsm8k:runs/demo/minitasks/arith"))
     profile.save("runs/profile")
     print(routing_stats(profile.counts_LE, profile.mass_LE, layer_ids=profile.layer_ids).to_json())
     selection = make_selection(profile.counts_LE, profile.mass_LE, k="25%", layer_ids=profile.layer_ids)

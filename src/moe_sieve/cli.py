@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .reporting import stats_table
+
 app = typer.Typer(
     name="moe-sieve",
     help="Routing-guided LoRA for Mixture-of-Experts models: profile routing, read its statistics, "
@@ -22,14 +24,15 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-DEFAULT_MODEL = "tiny-random-olmoe"
+DEFAULT_MODEL = "moe-sieve-default"
 
 ModelOpt = Annotated[
     str,
     typer.Option(
         "--model",
         "-m",
-        help="Hub id or local directory of a MoE causal LM, or the built-in 'tiny-random-olmoe'.",
+        help="Hub id or local directory of a MoE causal LM; default: the embedded pretrained "
+        "'moe-sieve-default' ('tiny-random-olmoe' is a random-weight one).",
     ),
 ]
 DataOpt = Annotated[
@@ -112,32 +115,6 @@ def profile(
     )
 
 
-def _stats_table(report: dict) -> Table:
-    table = Table(title=f"Routing statistics (k = {report['k']})")
-    for column in (
-        "layer",
-        "tokens",
-        "CV",
-        "cold %",
-        f"cov@{report['k']} %",
-        "norm. entropy",
-        "count/mass J",
-    ):
-        table.add_column(column, justify="right")
-    for row in report["layers"]:
-        cmj = row.get("count_mass_jaccard")
-        table.add_row(
-            str(row["layer"]),
-            f"{row['tokens']:,}",
-            f"{row['cv']:.3f}",
-            f"{100 * row['cold_fraction']:.1f}",
-            f"{100 * row['coverage']:.1f}",
-            f"{row['entropy']:.3f}",
-            "-" if cmj is None else f"{cmj:.3f}",
-        )
-    return table
-
-
 @app.command()
 def stats(
     profile_dir: Annotated[Path, typer.Argument(help="Profile directory written by `moe-sieve profile`.")],
@@ -176,7 +153,7 @@ def stats(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    console.print(_stats_table(report))
+    console.print(stats_table(report))
     ratio = report["ratio"]
     console.print(
         f"global CV [bold]{report['global_cv']:.3f}[/]  "
@@ -397,40 +374,18 @@ def merge(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the demo's artifacts.")] = Path("runs/demo"),
+    train_steps: Annotated[int, typer.Option(help="LoRA fine-tuning steps.")] = 300,
+    eval_examples: Annotated[int, typer.Option(help="Held-out arithmetic problems to score.")] = 100,
     overwrite: Annotated[bool, typer.Option(help="Replace earlier demo artifacts.")] = False,
 ) -> None:
-    """Profile -> stats -> select on the built-in tiny random OLMoE and a generated mixed-domain corpus."""
-    from .profiling import ProfileConfig, run_profile
-    from .selection import make_selection, selection_table
-    from .stats import routing_stats
-    from .tiny import write_demo_corpus
+    """The recipe end to end on the embedded pretrained MoE: profile -> stats -> select hot-25% -> LoRA
+    fine-tune on the arithmetic mini task -> held-out exact match before and after."""
+    from .demo import DemoConfig, run_demo
 
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        _fail(f"{out} already holds results; pass --overwrite or choose another --out")
-    corpus = write_demo_corpus(out / "corpus.jsonl")
-    console.rule("[bold]1. profile")
-    prof = run_profile(ProfileConfig(model=DEFAULT_MODEL, data=str(corpus), batch_size=16, device="cpu"))
-    prof.save(out / "profile", overwrite=True)
-    console.rule("[bold]2. stats")
-    report = routing_stats(prof.counts_LE, prof.mass_LE, layer_ids=prof.layer_ids).to_json()
-    console.print(_stats_table(report))
-    console.rule("[bold]3. select")
-    selection = make_selection(
-        prof.counts_LE,
-        prof.mass_LE,
-        layer_ids=prof.layer_ids,
-        top_k=prof.top_k,
-        source={"profile": str(out / "profile"), "profile_fingerprint": prof.fingerprint},
-    )
-    selection.save(out / "selection.json", overwrite=True)
-    console.print(selection_table(selection, prof.counts_LE))
-    ratio = report["ratio"]
-    console.print(
-        f"[bold]summary[/]: mean layer CV {report['mean_layer_cv']:.3f} "
-        f"vs global CV {report['global_cv']:.3f} "
-        f"(ratio {'n/a' if ratio is None else f'{ratio:.2f}x'}), top-25% covers "
-        f"{100 * report['mean_coverage']:.1f}% of activations. Artifacts in {out}/ "
-        "(profile/, selection.json). The tiny model has random weights: its skew is not a pretrained model's."
+    run_demo(
+        DemoConfig(out=str(out), train_steps=train_steps, eval_examples=eval_examples),
+        overwrite=overwrite,
+        console=console,
     )
 
 

@@ -50,10 +50,18 @@ class ModelSpec:
 
 def resolve_model_path(model: str) -> str:
     """Built-in aliases become local paths; anything else is a hub id or a directory."""
+    from .demo import DEFAULT_MODEL_ALIAS, default_model_path
     from .tiny import TINY_MODEL_ALIASES, ensure_tiny_model
 
     if model in TINY_MODEL_ALIASES:
         return str(ensure_tiny_model(model))
+    if model == DEFAULT_MODEL_ALIAS:
+        path = default_model_path()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"the embedded model is missing from {path}; rebuild it with scripts/pretrain_default.py"
+            )
+        return str(path)
     return model
 
 
