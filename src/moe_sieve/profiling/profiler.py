@@ -164,9 +164,35 @@ def profile_model(
     )
 
 
+def profile_examples(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    *,
+    batch_size: int,
+    max_length: int,
+    count_tokens: str = "all",
+    progress: bool = True,
+    runner: Any = None,
+) -> Profile:
+    """Tokenise and batch ``examples`` as the profiler needs, then profile them.
+
+    ``runner(model, batches, num_examples)`` replaces :func:`profile_model` (the trainer passes one that
+    shards the batches over processes).
+    """
+    from ..data.calibration import make_batches, pad_token_id_for, tokenize_example
+
+    tokenized = [tokenize_example(example, tokenizer, max_length) for example in examples]
+    batches = make_batches(
+        tokenized, batch_size=batch_size, pad_token_id=pad_token_id_for(tokenizer), count_tokens=count_tokens
+    )
+    if runner is None:
+        return profile_model(model, batches, len(examples), progress=progress)
+    return runner(model, batches, len(examples))
+
+
 def run_profile(config: ProfileConfig, *, model: Any = None, tokenizer: Any = None, progress: bool = True) -> Profile:
     """Load model, tokenizer and calibration data as ``config`` says, then profile."""
-    from ..data.calibration import make_batches, pad_token_id_for, tokenize_example
     from ..data.tasks import load_examples
 
     examples = load_examples(
@@ -179,14 +205,15 @@ def run_profile(config: ProfileConfig, *, model: Any = None, tokenizer: Any = No
     )
     model = model if model is not None else load_model(config.model_spec)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_spec)
-    tokenized = [tokenize_example(example, tokenizer, config.max_length) for example in examples]
-    batches = make_batches(
-        tokenized,
+    profile = profile_examples(
+        model,
+        tokenizer,
+        examples,
         batch_size=config.batch_size,
-        pad_token_id=pad_token_id_for(tokenizer),
+        max_length=config.max_length,
         count_tokens=config.count_tokens,
+        progress=progress,
     )
-    profile = profile_model(model, batches, len(examples), progress=progress)
     profile.metadata["model"]["id"] = config.model
     profile.metadata["data"] = {
         "data": config.data,

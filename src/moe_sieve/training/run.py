@@ -20,6 +20,7 @@ from ..adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model, load_tokenizer
 from ..profiling import Profile, profile_model
+from ..profiling.profiler import profile_examples
 from ..selection import Selection, make_selection
 from .config import TrainConfig
 
@@ -102,8 +103,6 @@ def profile_distributed(model: Any, batches: list, num_examples: int, state: Any
 
 def _selection_for(config: TrainConfig, model: Any, examples: list, tokenizer: Any, run_dir: Path, state: Any):
     """The selection of this run: given, reused from an earlier attempt, or profiled now."""
-    from ..data.calibration import make_batches, pad_token_id_for, tokenize_example
-
     layers = find_moe_layers(model)
     shape = MoEShape.of(layers)
     selection_path = run_dir / "selection.json"
@@ -121,11 +120,14 @@ def _selection_for(config: TrainConfig, model: Any, examples: list, tokenizer: A
             rng = np.random.default_rng(config.seed)
             count = max(1, math.floor(config.profile_subsample * len(examples) + 0.5))
             picked = sorted(rng.choice(len(examples), size=count, replace=False).tolist())
-            tokenized = [tokenize_example(examples[i], tokenizer, config.max_length) for i in picked]
-            batches = make_batches(
-                tokenized, batch_size=config.micro_batch_size, pad_token_id=pad_token_id_for(tokenizer)
+            profile = profile_examples(
+                model,
+                tokenizer,
+                [examples[i] for i in picked],
+                batch_size=config.micro_batch_size,
+                max_length=config.max_length,
+                runner=lambda m, batches, n: profile_distributed(m, batches, n, state),
             )
-            profile = profile_distributed(model, batches, len(picked), state)
             profile.metadata["model"]["id"] = config.model
             profile.metadata["data"] = {
                 "data": config.data,
