@@ -3,7 +3,6 @@ optimizer state Trainer adds), non-finite losses stop the run, and tokens/s is l
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -71,7 +70,3 @@ class ThroughputCallback(TrainerCallback):
         if now > then and seen > before:
             logs["tokens_per_s"] = round((seen - before) / (now - then), 1)
         self._last = (now, seen)
-
-
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
