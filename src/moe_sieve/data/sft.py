@@ -15,7 +15,15 @@ from typing import Any, Literal, get_args
 import torch
 
 from .calibration import pad_token_id_for, tokenize_example
-from .tasks import TASKS, Example, _select, _single_file_split, iter_jsonl_objects, load_examples
+from .tasks import (
+    TASKS,
+    Example,
+    _select,
+    _single_file_split,
+    check_selection_args,
+    iter_jsonl_objects,
+    load_examples,
+)
 
 Overflow = Literal["truncate", "drop"]
 
@@ -126,10 +134,7 @@ def load_sft_examples(
         )
     if split is not None:
         raise ValueError(_single_file_split(split, path))
-    if subsample is not None and not 0 < subsample <= 1:
-        raise ValueError(f"--subsample must be in (0, 1], got {subsample}")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"--max-examples must be >= 1, got {max_examples}")
+    check_selection_args(subsample, max_examples)
     if tokenizer is None:
         raise ValueError(f"{path}: chat 'messages' rows need a tokenizer (its chat template renders them)")
     if not getattr(tokenizer, "chat_template", None):

@@ -344,6 +344,14 @@ def read_jsonl(path: str | Path) -> list[Example]:
     return examples
 
 
+def check_selection_args(subsample: float | None, max_examples: int | None) -> None:
+    """Validate the row-selection options before any data is read."""
+    if subsample is not None and not 0 < subsample <= 1:
+        raise ValueError(f"--subsample must be in (0, 1], got {subsample}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"--max-examples must be >= 1, got {max_examples}")
+
+
 def load_examples(
     data: str,
     *,
@@ -356,10 +364,7 @@ def load_examples(
     """Calibration examples from a task name (hub), ``TASK:PATH`` (local files in the hub schema) or a
     generic local ``.jsonl``; ``subsample`` keeps a seeded share (in original order), then ``max_examples``
     the first N."""
-    if subsample is not None and not 0 < subsample <= 1:
-        raise ValueError(f"--subsample must be in (0, 1], got {subsample}")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"--max-examples must be >= 1, got {max_examples}")
+    check_selection_args(subsample, max_examples)
     if data in TASKS:
         return _load_task(TASKS[data], None, split, spider_dir, subsample, max_examples, seed)
     name, sep, rest = data.partition(":")

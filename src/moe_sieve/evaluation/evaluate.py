@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..data.tasks import TASKS, _format_rows, _load_task_rows, _select, get_task
+from ..data.tasks import TASKS, _format_rows, _load_task_rows, _select, check_selection_args, get_task
 from .common import EvalResult
 
 # Fine-tuning defaults to each task's train split; evaluation to its held-out one (HellaSwag's test split has
@@ -57,8 +57,7 @@ def load_task_rows(
     row gains ``_source`` (``origin:index``, as ``Example.source``). ``split`` defaults to the task's held-out
     split (``EVAL_SPLITS``) for hub data and dataset directories; a single file is its own split.
     """
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"--max-examples must be >= 1, got {max_examples}")
+    check_selection_args(None, max_examples)
     name, path = _parse_data(data)
     spec = get_task(name)
     split = _eval_split(name, path, split)
