@@ -86,21 +86,24 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | 
     console.print(selection_table(selection, profile.counts_LE))
 
     spec = ModelSpec(model=model_path, device="cpu")
-    tokenizer = load_tokenizer(spec)
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+
+    def held_out_accuracy():
+        return evaluate(
+            model,
+            tokenizer,
+            arith,
+            split="test",
+            max_examples=config.eval_examples,
+            batch_size=25,
+            max_new_tokens=config.max_new_tokens,
+        )
+
     console.rule("[bold]4. held-out accuracy before fine-tuning")
-    before = evaluate(
-        load_model(spec),
-        tokenizer,
-        arith,
-        split="test",
-        max_examples=config.eval_examples,
-        batch_size=25,
-        max_new_tokens=config.max_new_tokens,
-    )
+    before = held_out_accuracy()  # the base model: adapters are attached only by train() below
     console.print(f"base model exact match: {before.accuracy:.3f} ({before.correct}/{before.n})")
 
     console.rule("[bold]5. LoRA fine-tune, hot-25% experts")
-    model = load_model(spec)
     result = train(
         TrainConfig(
             model=model_path,
@@ -126,15 +129,7 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | 
         tokenizer=tokenizer,
     )
     console.rule("[bold]6. held-out accuracy after fine-tuning")
-    after = evaluate(
-        model,
-        tokenizer,
-        arith,
-        split="test",
-        max_examples=config.eval_examples,
-        batch_size=25,
-        max_new_tokens=config.max_new_tokens,
-    )
+    after = held_out_accuracy()
     console.print(f"fine-tuned exact match: {after.accuracy:.3f} ({after.correct}/{after.n})")
 
     from .adapters import SieveLoraConfig, plan_adapters
