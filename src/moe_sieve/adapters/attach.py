@@ -84,10 +84,6 @@ class SieveState:
         return table
 
 
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def resolve_experts(layers: Sequence[MoELayer], selection: Any, mode: str) -> dict[int, list[int]]:
     """Per MoE layer, the routed experts that get adapters, checked against the model."""
     if mode == "all":
