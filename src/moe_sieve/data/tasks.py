@@ -50,6 +50,8 @@ class TaskSpec:
     description: str
     configure: Callable[[str | None], RowFormatter] | None = None
     resource_file: str | None = None
+    skip_blank: str | None = None
+    """Rows whose value in this field is blank are not examples (Wikitext's empty lines); row numbers stay."""
 
     def formatter(self, resource_dir: str | None = None) -> RowFormatter:
         return self.configure(resource_dir) if self.configure is not None else self.format
@@ -300,7 +302,12 @@ def _load_task(
             raise ValueError(
                 f"{origin} row 0: missing field {field!r} (no row has it; columns: {', '.join(dataset.column_names)})"
             )
-    indices = _select(len(dataset), subsample, max_examples, seed)
+    rows = list(range(len(dataset)))
+    if spec.skip_blank is not None:
+        rows = [i for i, value in enumerate(dataset[spec.skip_blank]) if value is not None and str(value).strip()]
+        if not rows:
+            raise ValueError(f"{origin}: no examples (every {spec.skip_blank!r} is blank)")
+    indices = [rows[i] for i in _select(len(rows), subsample, max_examples, seed)]
     return _format_rows(dataset.select(indices), indices, origin, spec, fmt)
 
 
@@ -387,3 +394,5 @@ def load_examples(
         f"--data {data!r} is neither a registered task ({', '.join(sorted(TASKS))}), TASK:PATH, nor an "
         "existing local .jsonl file ('text' or 'prompt'+'completion' per line)"
     )
+
+from . import hub_tasks as _hub_tasks  # noqa: E402, F401  (registers the other calibration datasets of §3)
