@@ -269,6 +269,32 @@ def select(
     )
 
 
+@app.command("compare-runs")
+def compare_runs_command(
+    results: Annotated[Path, typer.Argument(help="CSV with model, task, condition, seed and the metric column.")],
+    reference: Annotated[str, typer.Option(help="Condition every other one is compared with, per model/task.")] = "full",
+    margins: Annotated[str, typer.Option(help="TOST equivalence margins in percentage points.")] = "1,2,3",
+    metric: Annotated[str, typer.Option(help="Metric column, a fraction in [0, 1].")] = "accuracy",
+    alpha: Annotated[float, typer.Option(help="Significance level of the TOST verdicts.")] = 0.05,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Mean and seed std per condition; paired per-seed delta vs --reference with a 95% t interval, the
+    paired t-test, TOST equivalence at each margin and the seed-std ratio (paper Tables 3, 6, 8)."""
+    from .reporting import comparison_table
+    from .runstats import compare_runs_csv
+
+    rows, skipped = compare_runs_csv(results, reference, margins, metric, alpha)
+    if as_json:
+        print(json.dumps([row.to_json() for row in rows], indent=2))
+        return
+    console.print(comparison_table(rows, metric))
+    unpaired = sum(len(row.unpaired_seeds) for row in rows)
+    console.print(
+        f"{len(rows)} conditions; {skipped} row(s) without {metric} left out; "
+        f"{unpaired} seed(s) without a partner left out of the paired numbers"
+    )
+
+
 def _gb(n_bytes: int) -> str:
     return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 

@@ -29,3 +29,45 @@ def stats_table(report: dict) -> Table:
             "-" if cmj is None else f"{cmj:.3f}",
         )
     return table
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def comparison_table(rows: list, metric: str = "accuracy") -> Table:
+    """compare-runs rows (runstats.ComparisonRow) as a terminal table."""
+    margins = sorted({m for row in rows for m in row.tost}, key=float)
+    reference = rows[0].reference if rows else "?"
+    table = Table(title=f"{metric}: paired comparison with {reference!r} (seeds paired by value)")
+    for column in ("model", "task", "condition", "n", "mean", "std", "Δ pp [95% CI]", "t-test p"):
+        table.add_column(column, justify="left" if column in ("model", "task", "condition") else "right")
+    for m in margins:
+        table.add_column(f"TOST {m}pp p", justify="right")
+    table.add_column("std ratio", justify="right")
+    table.add_column("paired (missing)", justify="right")
+    for row in rows:
+        delta = "-"
+        if row.delta_pp is not None:
+            delta = f"{row.delta_pp:+.2f}"
+            if row.ci_low_pp is not None:
+                delta += f" [{row.ci_low_pp:+.2f}, {row.ci_high_pp:+.2f}]"
+        tost = []
+        for m in margins:
+            t = row.tost.get(m)
+            tost.append("-" if t is None or t["p"] is None else f"{t['p']:.3f}{' ✓' if t['equivalent'] else ''}")
+        paired = "-" if row.n_paired is None else f"{row.n_paired} ({len(row.unpaired_seeds)})"
+        table.add_row(
+            row.model,
+            row.task,
+            row.condition,
+            str(row.n),
+            f"{row.mean:.4f}",
+            _num(row.std, ".4f"),
+            delta,
+            _num(row.ttest_p, ".3f"),
+            *tost,
+            _num(row.std_ratio, ".2f"),
+            paired,
+        )
+    return table
