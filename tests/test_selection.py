@@ -253,3 +253,56 @@ def test_selection_table():
     plain = Console(record=True, width=120)
     plain.print(selection_table(sel))
     assert "coverage" not in plain.export_text()
+
+
+def test_hot_filler_keeps_top_hot_and_fills_from_below_top_k():
+    rng = np.random.default_rng(0)
+    counts_LE = rng.permuted(np.tile(np.arange(64) * 10 + 1, (16, 1)), axis=1)  # distinct counts, 16 layers x 64
+    layer_ids = list(range(1, 33, 2))
+    sel = make_selection(counts_LE, strategy="hot+filler", k=16, hot=6, seed=3, layer_ids=layer_ids)
+    assert sel.strategy == "hot+filler" and sel.total_slots == 16 * 16
+    order_LE = np.argsort(-counts_LE, axis=1)
+    for row, layer in enumerate(layer_ids):
+        ids = set(sel.experts[layer])
+        top6, below16 = set(order_LE[row, :6].tolist()), set(order_LE[row, 16:].tolist())
+        fillers = set(sel.params["fillers"][str(layer)])
+        assert len(ids) == 16 and top6 <= ids and fillers == ids - top6 and fillers <= below16 and len(fillers) == 10
+    assert sel.params | {"fillers": None} == {
+        "strategy": "hot+filler",
+        "rank_by": "count",
+        "k": 16,
+        "k_resolved": 16,
+        "hot": 6,
+        "hot_resolved": 6,
+        "fillers_per_layer": 10,
+        "filler_pool": "experts ranked below the top-16 by count",
+        "seed": 3,
+        "fillers": None,
+    }
+    again = make_selection(counts_LE, strategy="hot+filler", k=16, hot=6, seed=3, layer_ids=layer_ids)
+    other = make_selection(counts_LE, strategy="hot+filler", k=16, hot=6, seed=4, layer_ids=layer_ids)
+    assert again.experts == sel.experts and other.experts != sel.experts
+    half = make_selection(counts_LE, strategy="hot+filler", k="25%", seed=0)
+    assert half.params["hot"] is None and half.params["hot_resolved"] == 8 and half.total_slots == 16 * 16
+    assert make_selection(counts_LE, strategy="hot+filler", k=16, hot=16).experts == select_topk(counts_LE, 16)
+
+
+def test_hot_filler_draws_fillers_uniformly_from_the_cold_pool():
+    counts_LE = np.arange(1, 13, dtype=float)[None, ::-1].copy()  # expert 0 hottest ... 11 coldest
+    picks = np.zeros(12)
+    trials = 3000
+    for seed in range(trials):
+        sel = make_selection(counts_LE, strategy="hot+filler", k=4, hot=2, seed=seed)
+        assert sel.experts[0][:2] == [0, 1]
+        picks[sel.params["fillers"]["0"]] += 1
+    assert picks[:4].sum() == 0  # never the hot pair nor the warm experts ranked 3-4 that top-4 would take
+    expected = trials * 2 / 8
+    assert np.all(np.abs(picks[4:] - expected) < 5 * np.sqrt(expected))  # 2 of 8 cold experts each time
+
+
+def test_hot_filler_rejects_impossible_budgets():
+    counts_LE = np.arange(8, dtype=float)[None, :]
+    with pytest.raises(ValueError, match=r"6 fillers per layer but only 1 experts rank below the top-7"):
+        make_selection(counts_LE, strategy="hot+filler", k=7, hot=1)
+    with pytest.raises(ValueError, match=r"hot \(5\) <= k \(4\)"):
+        make_selection(counts_LE, strategy="hot+filler", k=4, hot=5)

@@ -278,3 +278,10 @@ def test_train_cli(monkeypatch, capsys, tiny_model_dir, toy_data, tmp_path):
     assert metrics["trainable_params_by_group"]["router"] == 0
     code, _, err = run_cli(monkeypatch, capsys, "train", "--data", toy_data)
     assert code == 2 and "--out" in err
+
+
+def test_config_accepts_hot_filler_strategy():
+    from moe_sieve.training.config import TrainConfig
+
+    config = TrainConfig(model="m", data="d", out="o", strategy="hot+filler", k="16", hot="8")
+    assert config.experts_mode == "selected" and config.to_json()["hot"] == "8"

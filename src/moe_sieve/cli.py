@@ -224,11 +224,18 @@ def select(
     profile_dir: Annotated[Path, typer.Argument(help="Profile directory written by `moe-sieve profile`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Selection JSON file to write.")],
     strategy: Annotated[
-        str, typer.Option(help="topk (the recipe), random (control), greedy (App. C), coverage (threshold).")
+        str,
+        typer.Option(
+            help="topk (the recipe), random (control), greedy (App. C), coverage (threshold), "
+            "hot+filler (top --hot plus random cold experts up to k, §7.3)."
+        ),
     ] = "topk",
     k: KOpt = "25%",
     rank_by: Annotated[str, typer.Option(help="Rank experts by routed-token count or by routing mass.")] = "count",
-    seed: Annotated[int, typer.Option(help="Seed of --strategy random.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of --strategy random and hot+filler.")] = 0,
+    hot: Annotated[
+        str | None, typer.Option(help="hot+filler: top experts kept per layer, count or share (default: k/2).")
+    ] = None,
     min_per_layer: Annotated[
         int | None, typer.Option(help="Greedy: experts every layer starts with (default: the model's top-k).")
     ] = None,
@@ -251,6 +258,7 @@ def select(
         seed=seed,
         min_per_layer=min_per_layer,
         coverage=coverage,
+        hot=hot,
         layer_ids=prof.layer_ids,
         top_k=prof.top_k,
         source={

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 SELECTION_FORMAT_VERSION = 1
-STRATEGIES = ("topk", "random", "greedy", "coverage")
+STRATEGIES = ("topk", "random", "greedy", "coverage", "hot+filler")
 RANK_BY = ("count", "mass")
 _REQUIRED_KEYS = ("format_version", "num_experts", "strategy", "layers")
 
@@ -191,6 +191,34 @@ def select_greedy(
     return _take(order_LE, k_L, ids)
 
 
+def select_hot_filler(
+    scores_LE: Any, k: int, hot: int, seed: int, layer_ids: Sequence[int] | None = None
+) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Top-``hot`` experts of each layer plus ``k - hot`` seeded random fillers from the experts ranked below
+    the top-k (§7.3's cold-filler control): the same budget as top-k, with the warm experts swapped for cold.
+
+    Returns the selection and the fillers per layer.
+    """
+    scores_LE = _scores(scores_LE, "scores_LE")
+    num_layers, num_experts = scores_LE.shape
+    ids = check_layer_ids(layer_ids, num_layers)
+    if not 0 <= hot <= k <= num_experts:
+        raise ValueError(f"hot+filler needs 0 <= hot ({hot}) <= k ({k}) <= experts per layer ({num_experts})")
+    if k - hot > num_experts - k:
+        raise ValueError(
+            f"hot+filler: {k - hot} fillers per layer but only {num_experts - k} experts rank below the top-{k}; "
+            f"raise --hot or lower --k"
+        )
+    order_LE = topk_order(scores_LE)
+    rng = np.random.default_rng(seed)
+    experts, fillers = {}, {}
+    for i, layer in enumerate(ids):
+        picked = rng.choice(order_LE[i, k:], size=k - hot, replace=False)
+        fillers[layer] = sorted(int(e) for e in picked)
+        experts[layer] = sorted([int(e) for e in order_LE[i, :hot]] + fillers[layer])
+    return experts, fillers
+
+
 def select_coverage(counts_LE: Any, target: float, layer_ids: Sequence[int] | None = None) -> dict[int, list[int]]:
     """Per layer, the fewest top experts whose share of the layer's activations reaches ``target`` (§6.2).
 
@@ -222,11 +250,13 @@ def make_selection(
     layer_ids: Sequence[int] | None = None,
     top_k: int | None = None,
     source: dict[str, Any] | None = None,
+    hot: int | float | str | None = None,
 ) -> Selection:
     """Choose experts with one strategy and record every resolved parameter, so the file explains itself.
 
     Greedy gets the same slot budget as uniform top-k (layers x k) and starts every layer with the model's
-    routing width ``top_k`` when known, else half of k, never more than k.
+    routing width ``top_k`` when known, else half of k, never more than k. ``hot+filler`` keeps the top ``hot``
+    (a count or share; default half of k) and fills up to k with seeded random experts ranked below the top-k.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -257,6 +287,17 @@ def make_selection(
         elif strategy == "random":
             params["seed"] = int(seed)
             experts = select_random(ids, num_experts, k_int, seed)
+        elif strategy == "hot+filler":
+            hot_int = max(1, k_int // 2) if hot is None else resolve_k(hot, num_experts)
+            experts, fillers = select_hot_filler(scores_LE, k_int, hot_int, seed, ids)
+            params.update(
+                hot=None if hot is None else (int(hot) if isinstance(hot, np.integer) else hot),
+                hot_resolved=hot_int,
+                fillers_per_layer=k_int - hot_int,
+                filler_pool=f"experts ranked below the top-{k_int} by {rank_by}",
+                seed=int(seed),
+                fillers={str(layer): ids_ for layer, ids_ in fillers.items()},
+            )
         else:
             if min_per_layer is None:
                 min_per_layer = min(top_k if top_k is not None else max(1, k_int // 2), k_int)

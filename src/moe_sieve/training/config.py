@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-STRATEGIES = ("full", "topk", "random", "greedy", "coverage", "none")
+STRATEGIES = ("full", "topk", "random", "greedy", "coverage", "hot+filler", "none")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -38,6 +38,7 @@ class TrainConfig:
     profile_subsample: float = _help("Share of the training examples profiled.", 0.1)
     coverage: float = _help("Target share for --strategy coverage.", 0.6)
     min_per_layer: int | None = _help("Greedy: experts every layer starts with (default: the model's top-k).", None)
+    hot: str | None = _help("hot+filler: top experts kept per layer, a count or share (default: half of k).", None)
     # LoRA
     r: int = _help("LoRA rank.", 32)
     alpha: float = _help("LoRA alpha.", 64.0)

@@ -152,6 +152,7 @@ def _selection_for(config: TrainConfig, model: Any, examples: list, tokenizer: A
             seed=config.seed,
             min_per_layer=config.min_per_layer,
             coverage=config.coverage,
+            hot=config.hot,
             layer_ids=list(shape.layer_ids),
             top_k=shape.top_k,
             source={
