@@ -12,7 +12,8 @@ from moe_sieve.data.tasks import TASKS, load_examples
 ARC_ROWS = [
     {
         "id": "Mercury_SC_415702",
-        "question": "George wants to warm his hands quickly by rubbing them. Which skin surface will produce the most heat?",
+        "question": "George wants to warm his hands quickly by rubbing them. "
+        "Which skin surface will produce the most heat?",
         "choices": {
             "text": ["dry palms", "wet palms", "palms covered with oil", "palms covered with lotion"],
             "label": ["A", "B", "C", "D"],
@@ -22,7 +23,10 @@ ARC_ROWS = [
     {
         "id": "NYSEDREGENTS_2015_4_8",
         "question": "Which object is the best conductor of electricity?",
-        "choices": {"text": ["a wax crayon", "a plastic spoon", "a rubber eraser", "an iron nail"], "label": list("1234")},
+        "choices": {
+            "text": ["a wax crayon", "a plastic spoon", "a rubber eraser", "an iron nail"],
+            "label": list("1234"),
+        },
         "answerKey": "4",
     },
 ]
@@ -31,8 +35,18 @@ BOOLQ_ROWS = [
     {"question": "is the sun a planet?", "answer": False, "passage": "The Sun is the star at the centre."},
 ]
 PIQA_ROWS = [
-    {"goal": "To separate egg whites from the yolk", "sol1": "Squeeze a bottle over the yolk.", "sol2": "Shake.", "label": 0},
-    {"goal": "How do I ready a guinea pig cage?", "sol1": "Use shredded paper.", "sol2": "Use jeans material.", "label": 1},
+    {
+        "goal": "To separate egg whites from the yolk",
+        "sol1": "Squeeze a bottle over the yolk.",
+        "sol2": "Shake.",
+        "label": 0,
+    },
+    {
+        "goal": "How do I ready a guinea pig cage?",
+        "sol1": "Use shredded paper.",
+        "sol2": "Use jeans material.",
+        "label": 1,
+    },
 ]
 MMLU_ROWS = [
     {

@@ -82,7 +82,8 @@ def profile(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing profile at --out.")] = False,
 ) -> None:
-    """Count, per layer, how many tokens each routed expert receives (one gradient-free pass)."""
+    """Count, per layer, how many tokens each routed expert receives (one gradient-free pass). A
+    comma-separated --data (gsm8k,spider,mbpp) profiles each dataset with one model load into --out/<name>."""
     from ._io import ensure_writable
     from .profiling import ProfileConfig, run_profile
 
@@ -104,6 +105,16 @@ def profile(
         trust_remote_code=trust_remote_code,
         experts_implementation=experts_implementation,
     )
+    if "," in data:
+        from .profiling.profile_set import run_profile_set
+
+        profiles = run_profile_set(
+            config, out, overwrite=overwrite, progress=sys.stderr.isatty() or console.is_terminal
+        )
+        for name, prof in profiles.items():
+            console.print(f"  {name}: {prof.num_examples} examples, {prof.tokens:,} counted tokens")
+        console.print(f"[green]{len(profiles)} profiles written[/] to {out}/<dataset> (one model load)")
+        return
     result = run_profile(config, progress=sys.stderr.isatty() or console.is_terminal)
     result.save(out, overwrite=overwrite)
     run = result.metadata["run"]
@@ -126,9 +137,15 @@ def stats(
     stability_trials: Annotated[int, typer.Option(help="Subsample trials (0 to skip).")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the subsample trials.")] = 0,
 ) -> None:
-    """Routing skew of a profile: per-layer CV, cold experts, coverage, entropy; global CV and ratio."""
+    """Routing skew of a profile: per-layer CV, cold experts, coverage, entropy; global CV and ratio. On a
+    profile set (`profile --data a,b,c`): per-dataset rows, the cross-dataset Jaccard matrix and Table 2."""
     from .profiling import Profile
+    from .profiling.profile_set import is_profile_set
     from .stats import routing_stats, subsample_stability
+
+    if is_profile_set(profile_dir):
+        _set_stats(profile_dir, k, as_json, stability_fraction, stability_trials, seed)
+        return
 
     prof = Profile.load(profile_dir)
     report = routing_stats(prof.counts_LE, prof.mass_LE, layer_ids=prof.layer_ids, k=k).to_json()
@@ -168,6 +185,20 @@ def stats(
             f"subsample stability ({s['fraction']:.0%}, {s['trials']} trials): "
             f"mean Jaccard {s['mean_jaccard']:.3f} ± {s['std_jaccard']:.3f}"
         )
+
+
+def _set_stats(path: Path, k: str, as_json: bool, fraction: float, trials: int, seed: int) -> None:
+    from .profiling.profile_set import load_profile_set, set_stats
+    from .reporting import jaccard_table, set_summary_table
+
+    report = set_stats(load_profile_set(path), k, fraction, trials, seed)
+    report["path"] = str(path)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(set_summary_table(report))
+    for block in report["jaccard"]:
+        console.print(jaccard_table(block))
 
 
 def _profile_summary(prof) -> dict:
@@ -280,7 +311,9 @@ def select(
 @app.command("compare-runs")
 def compare_runs_command(
     results: Annotated[Path, typer.Argument(help="CSV with model, task, condition, seed and the metric column.")],
-    reference: Annotated[str, typer.Option(help="Condition every other one is compared with, per model/task.")] = "full",
+    reference: Annotated[
+        str, typer.Option(help="Condition every other one is compared with, per model/task.")
+    ] = "full",
     margins: Annotated[str, typer.Option(help="TOST equivalence margins in percentage points.")] = "1,2,3",
     metric: Annotated[str, typer.Option(help="Metric column, a fraction in [0, 1].")] = "accuracy",
     alpha: Annotated[float, typer.Option(help="Significance level of the TOST verdicts.")] = 0.05,

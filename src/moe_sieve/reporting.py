@@ -71,3 +71,67 @@ def comparison_table(rows: list, metric: str = "accuracy") -> Table:
             paired,
         )
     return table
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def set_summary_table(report: dict) -> Table:
+    """Per-dataset rows and per-model means of a profiling study (paper Table 2)."""
+    table = Table(title=f"Profiling study (k = {report['k_requested']}): per dataset, then per model (Table 2)")
+    for column in (
+        "model",
+        "dataset",
+        "global CV",
+        "layer CV",
+        "ratio",
+        "cold %",
+        "cov %",
+        "cov+shared %",
+        "entropy",
+        "count/mass J",
+        "stability J",
+    ):
+        table.add_column(column, justify="left" if column in ("model", "dataset") else "right")
+    for row in report["datasets"]:
+        stab = row.get("subsample_stability")
+        table.add_row(
+            row["model"],
+            row["name"],
+            f"{row['global_cv']:.3f}",
+            f"{row['mean_layer_cv']:.3f}",
+            _num(row["ratio"], ".2f"),
+            _pct(row["mean_cold_fraction"]),
+            _pct(row["mean_coverage"]),
+            _pct(row["mean_coverage_with_shared"]),
+            f"{row['mean_entropy']:.3f}",
+            _num(row["mean_count_mass_jaccard"], ".3f"),
+            "-" if stab is None else f"{stab['mean_jaccard']:.3f}",
+        )
+    for m in report["models"]:
+        table.add_row(
+            f"[bold]{m['model']}[/]",
+            f"[bold]mean of {len(m['datasets'])}[/]",
+            _num(m["global_cv"], ".3f"),
+            _num(m["layer_cv"], ".3f"),
+            _num(m["ratio"], ".2f"),
+            _pct(m["cold_fraction"]),
+            _pct(m["coverage"]),
+            _pct(m["coverage_with_shared"]),
+            _num(m["entropy"], ".3f"),
+            _num(m["count_mass_jaccard"], ".3f"),
+            _num(m["subsample_stability"], ".3f"),
+        )
+    return table
+
+
+def jaccard_table(block: dict) -> Table:
+    """The cross-dataset top-k Jaccard matrix of one model (paper Fig. 3)."""
+    table = Table(title=f"{block['model']}: top-{block['k']} Jaccard across datasets")
+    table.add_column("")
+    for name in block["names"]:
+        table.add_column(name, justify="right")
+    for name, row in zip(block["names"], block["matrix"], strict=True):
+        table.add_row(name, *(f"{v:.3f}" for v in row))
+    return table

@@ -182,7 +182,9 @@ def compare_runs(
         raise ValueError("no finished runs to compare (every row lacks the metric)")
     conditions = {condition for _, _, condition in groups}
     if reference not in conditions:
-        raise ValueError(f"--reference {reference!r} is not a condition of these runs ({', '.join(sorted(conditions))})")
+        raise ValueError(
+            f"--reference {reference!r} is not a condition of these runs ({', '.join(sorted(conditions))})"
+        )
     rows = []
     for (model, task, condition), by_seed in sorted(groups.items()):
         values = np.array([by_seed[s] for s in sorted(by_seed)], dtype=np.float64)

@@ -395,4 +395,5 @@ def load_examples(
         "existing local .jsonl file ('text' or 'prompt'+'completion' per line)"
     )
 
+
 from . import hub_tasks as _hub_tasks  # noqa: E402, F401  (registers the other calibration datasets of §3)

@@ -66,6 +66,17 @@ def _forward_kwargs(model: Any) -> dict[str, Any]:
     return kwargs
 
 
+def _shared_equivalents(layers: Sequence[Any]) -> float:
+    """Always-on shared capacity per layer in units of one routed expert (Qwen1.5-MoE: 4, DeepSeek-MoE: 2),
+    from parameter counts, so coverage can count shared experts alongside routed ones (paper Fig. 2)."""
+    ratios = []
+    for layer in layers:
+        shared = sum(p.numel() for module in layer.shared.values() for p in module.parameters())
+        per_expert = sum(p.numel() for p in layer.experts.parameters()) / max(layer.num_experts, 1)
+        ratios.append(shared / per_expert if per_expert else 0.0)
+    return round(float(np.mean(ratios)), 1) if ratios else 0.0
+
+
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -139,6 +150,7 @@ def profile_model(
             "arch": spec.name,
             "config_fingerprint": config_fingerprint(model.config),
             "shared_experts": sorted({name for layer in layers for name in layer.shared}),
+            "shared_expert_equivalents": _shared_equivalents(layers),
             "layers": [layer.describe() for layer in layers],
         },
         "run": {
