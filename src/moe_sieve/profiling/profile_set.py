@@ -86,15 +86,8 @@ def run_profile_set(
 
 
 def is_profile_set(path: str | os.PathLike) -> bool:
-    """A directory with a set manifest, or one that is not a profile but holds profile directories."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    if (path / SET_FILE).is_file():
-        return True
-    if (path / METADATA_FILE).is_file():
-        return False
-    return any((child / METADATA_FILE).is_file() for child in path.iterdir() if child.is_dir())
+    """A directory written by ``profile --data a,b,c`` (it has the set manifest)."""
+    return (Path(path) / SET_FILE).is_file()
 
 
 def load_profile_set(path: str | os.PathLike) -> dict[str, Profile]:
