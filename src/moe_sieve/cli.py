@@ -336,6 +336,45 @@ def compare_runs_command(
     )
 
 
+@app.command()
+def report(
+    study_dir: Annotated[
+        Path, typer.Argument(help="Study directory (results.csv, runs/, profiles/) or a profile set.")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: STUDY_DIR/report.html).")] = None,
+    md: Annotated[Path | None, typer.Option(help="Markdown twin (default: the HTML path with .md).")] = None,
+    reference: Annotated[str, typer.Option(help="Condition the others are compared with.")] = "full",
+    margins: Annotated[str, typer.Option(help="TOST equivalence margins in percentage points.")] = "1,2,3",
+    k: KOpt = "25%",
+    stability_trials: Annotated[int, typer.Option(help="Subsample-stability trials per dataset (0 to skip).")] = 50,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
+) -> None:
+    """One self-contained HTML page (figures embedded) and a Markdown twin with every table and figure of the
+    paper the study has data for; sections without data are left out."""
+    from ._io import ensure_writable
+    from .report import write_report
+    from .runstats import parse_margins
+
+    out = out or study_dir / "report.html"
+    md = md or out.with_suffix(".md")
+    for path in (out, md):
+        ensure_writable(path, overwrite)
+    paths = write_report(
+        study_dir,
+        out,
+        md,
+        reference=reference,
+        margins=parse_margins(margins),
+        k=k,
+        stability_trials=stability_trials,
+        overwrite=True,
+    )
+    console.print(
+        f"[green]report written[/] to {paths['html']} and {paths['md']}: {len(paths['sections'])} sections "
+        f"({', '.join(paths['sections'])})"
+    )
+
+
 def _gb(n_bytes: int) -> str:
     return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 

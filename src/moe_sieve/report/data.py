@@ -1,0 +1,139 @@
+"""Everything the report shows, gathered from a study directory; a part whose files are absent stays None.
+
+Layout read: ``results.csv`` (one row per run), ``runs/<run_id>/`` (config.json, selection.json, profile/) and
+``profiles/`` (a profiling study). A profile-set directory on its own is a study with profiles only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..profiling import Profile
+from ..profiling.artifact import METADATA_FILE
+from ..profiling.profile_set import SET_FILE, load_profile_set, set_stats
+
+CONDITION_PATTERNS = (
+    ("hot+filler", re.compile(r"filler", re.I)),
+    ("full", re.compile(r"^(full|all)", re.I)),
+    ("random", re.compile(r"^rand", re.I)),
+    ("greedy", re.compile(r"^greedy", re.I)),
+    ("coverage", re.compile(r"^cov", re.I)),
+    ("none", re.compile(r"^(attention|attn|none)", re.I)),
+    ("topk", re.compile(r"^(hot|top)", re.I)),
+)
+
+
+@dataclass
+class RunInfo:
+    """One row of results.csv plus what its run directory says about the selection."""
+
+    row: dict[str, str]
+    strategy: str | None
+    k: int | None
+    selection: dict[str, Any] | None
+    run_dir: Path | None
+
+
+@dataclass
+class StudyData:
+    root: Path
+    profiles: dict[str, Profile] | None = None
+    profile_stats: dict[str, Any] | None = None
+    results_path: Path | None = None
+    runs: list[RunInfo] = field(default_factory=list)
+    skipped_rows: int = 0
+
+    @property
+    def finished(self) -> list[RunInfo]:
+        return [r for r in self.runs if _float(r.row.get("accuracy")) is not None]
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out == out else None  # nan -> None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def strategy_of(condition: str) -> str | None:
+    """A condition's selection strategy guessed from its name, when its run directory does not say."""
+    for strategy, pattern in CONDITION_PATTERNS:
+        if pattern.search(condition):
+            return strategy
+    return None
+
+
+def _run_info(root: Path, row: dict[str, str]) -> RunInfo:
+    run_dir = None
+    for candidate in (row.get("run_dir"), str(root / "runs" / row.get("run_id", ""))):
+        if candidate:
+            path = Path(candidate)
+            path = path if path.is_absolute() else root / path
+            if path.is_dir():
+                run_dir = path
+                break
+    config = _read_json(run_dir / "config.json") if run_dir else None
+    selection = _read_json(run_dir / "selection.json") if run_dir else None
+    strategy = (config or {}).get("strategy") or strategy_of(row.get("condition", ""))
+    k = None
+    if selection is not None:
+        k = (selection.get("params") or {}).get("k_resolved")
+    if k is None:
+        text = str(row.get("k") or "").strip()
+        k = int(float(text)) if re.fullmatch(r"\d+(\.0+)?", text) else None
+    return RunInfo(row=row, strategy=strategy, k=k, selection=selection, run_dir=run_dir)
+
+
+def _profiles_dir(root: Path) -> Path | None:
+    if (root / SET_FILE).is_file():
+        return root
+    path = root / "profiles"
+    if path.is_dir() and (
+        (path / SET_FILE).is_file() or any((c / METADATA_FILE).is_file() for c in path.iterdir() if c.is_dir())
+    ):
+        return path
+    return None
+
+
+def load_study(
+    root: str | Path,
+    k: str = "25%",
+    stability_fraction: float = 0.1,
+    stability_trials: int = 50,
+    seed: int = 0,
+) -> StudyData:
+    """Read what exists under ``root``; raise only when there is nothing to report at all."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory (a study directory or a profile set)")
+    data = StudyData(root=root)
+    profiles_dir = _profiles_dir(root)
+    if profiles_dir is not None:
+        data.profiles = load_profile_set(profiles_dir)
+        data.profile_stats = set_stats(data.profiles, k, stability_fraction, stability_trials, seed)
+    results = root / "results.csv"
+    if results.is_file():
+        data.results_path = results
+        with results.open(encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        data.runs = [_run_info(root, row) for row in rows]
+        data.skipped_rows = sum(1 for r in data.runs if _float(r.row.get("accuracy")) is None)
+    if data.profiles is None and data.results_path is None:
+        raise FileNotFoundError(
+            f"{root}: nothing to report (expected results.csv and/or profiles/ or a profile set's {SET_FILE})"
+        )
+    return data
