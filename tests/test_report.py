@@ -22,10 +22,25 @@ from moe_sieve.selection import Selection, select_topk
 from moe_sieve.stats import routing_stats, selection_jaccard
 
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = (
-    "run_id,model,task,condition,k,seed,status,error,accuracy,accuracy_norm,trainable_params,adapter_bytes,"
-    "wall_time_s,tokens_per_s,peak_memory_bytes,final_loss,run_dir"
-).split(",")
+COLUMNS = [
+    "run_id",
+    "model",
+    "task",
+    "condition",
+    "k",
+    "seed",
+    "status",
+    "error",
+    "accuracy",
+    "accuracy_norm",
+    "trainable_params",
+    "adapter_bytes",
+    "wall_time_s",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "final_loss",
+    "run_dir",
+]
 PROFILING = {"table2", "heatmaps", "cv_depth", "coverage", "jaccard", "stability", "allocation"}
 RESULTS = {"runs", "accuracy", "std_ratio", "cost", "budget", "controls"}
 
