@@ -247,3 +247,36 @@ def test_inputs_are_checked():
         layer_cv([[1, -2]])
     with pytest.raises(ValueError, match="layer_ids"):
         routing_stats([[1, 2]], layer_ids=[0, 1], k=1)
+
+
+def test_coverage_with_shared_reproduces_the_papers_fig2_numbers():
+    from moe_sieve.stats import coverage_with_shared
+
+    # §3.2: routed coverage 53.0 / 37.4 / 42.6% -> per-token coverage with shared experts 53 / 69 / 57%
+    assert coverage_with_shared(0.530, 0, 8) == pytest.approx(0.530)
+    assert round(100 * float(coverage_with_shared(0.374, 4, 4))) == 69
+    assert round(100 * float(coverage_with_shared(0.426, 2, 6))) == 57
+    with pytest.raises(ValueError):
+        coverage_with_shared(0.5, -1, 4)
+
+
+def test_coverage_curve_and_jaccard_matrix_at_depth():
+    from moe_sieve.stats import coverage_curve, jaccard_matrix
+
+    rng = np.random.default_rng(11)
+    scores = [rng.gamma(0.5, size=(16, 64)) * 1000 for _ in range(4)]
+    curve = coverage_curve(scores[0])
+    assert curve.shape == (65,) and curve[0] == 0 and curve[-1] == pytest.approx(1.0)
+    assert np.all(np.diff(curve) >= -1e-12)
+    for k in (1, 16, 40):
+        by_hand = np.mean([np.sort(row)[::-1][:k].sum() / row.sum() for row in scores[0]])
+        assert curve[k] == pytest.approx(by_hand, rel=1e-12)
+    matrix = jaccard_matrix(scores, 16)
+    assert matrix.shape == (4, 4) and np.allclose(matrix, matrix.T) and np.allclose(np.diag(matrix), 1)
+    for i in range(4):
+        for j in range(4):
+            tops = [[set(np.argsort(-s[layer])[:16].tolist()) for layer in range(16)] for s in (scores[i], scores[j])]
+            by_hand = np.mean([len(a & b) / len(a | b) for a, b in zip(*tops, strict=True)])
+            assert matrix[i, j] == pytest.approx(by_hand)
+    with pytest.raises(ValueError, match="different shapes"):
+        jaccard_matrix([scores[0], scores[1][:8]], 4)
