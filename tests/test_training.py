@@ -285,3 +285,18 @@ def test_config_accepts_hot_filler_strategy():
 
     config = TrainConfig(model="m", data="d", out="o", strategy="hot+filler", k="16", hot="8")
     assert config.experts_mode == "selected" and config.to_json()["hot"] == "8"
+
+
+def test_train_hot_filler_adapts_top_hot_plus_cold_fillers(tiny_model_dir, toy_data, tmp_path):
+    from moe_sieve.profiling import Profile
+    from moe_sieve.selection import Selection, select_topk
+
+    out = tmp_path / "filler"
+    result = train(_config(tiny_model_dir, toy_data, out, strategy="hot+filler", k="4", hot="1", max_steps=1))
+    sel = Selection.load(out / "selection.json")
+    prof = Profile.load(out / "profile")
+    assert sel.strategy == "hot+filler" and sel.params["hot_resolved"] == 1 and sel.params["seed"] == 0
+    top1, top4 = select_topk(prof.counts_LE, 1, prof.layer_ids), select_topk(prof.counts_LE, 4, prof.layer_ids)
+    for layer, ids in sel.experts.items():
+        assert len(ids) == 4 and set(top1[layer]) <= set(ids) and not (set(ids) - set(top1[layer])) & set(top4[layer])
+    assert result.metrics["adapted_experts"] == 3 * 4
