@@ -263,3 +263,29 @@ def test_report_renders_in_headless_chromium(study, tmp_path):
     # the page drew text, tables and figures: many grey levels, dark ink near the top and further down
     assert len(np.unique(image)) > 50
     assert (image[:600] < 100).mean() > 0.002 and (image[1200:] < 100).mean() > 0.002
+
+
+def test_run_directories_supply_strategy_k_and_the_greedy_allocation(study, tmp_path):
+    from moe_sieve.report.data import load_study
+    from moe_sieve.selection import make_selection
+
+    root = tmp_path / "sweep"
+    _write_results(root / "results.csv", [("full", "all", 0.5, 4000), ("budget-a", "25%", 0.5, 1500)], seeds=[0, 1])
+    prof = Profile.load(study["root"] / "profiles" / "gsm8k")
+    greedy = make_selection(prof.counts_LE, strategy="greedy", k="25%", layer_ids=prof.layer_ids, top_k=prof.top_k)
+    for seed in (0, 1):
+        run = root / "runs" / f"budget-a-s{seed}"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"tool_version": "x", "train": {"strategy": "greedy"}}))
+        greedy.save(run / "selection.json")
+        shutil.copytree(study["root"] / "profiles" / "gsm8k", run / "profile")
+    data = load_study(root)
+    infos = {r.row["run_id"]: r for r in data.runs}
+    assert (infos["budget-a-s0"].strategy, infos["budget-a-s0"].k) == ("greedy", 4)
+    assert (infos["full-s0"].strategy, infos["full-s0"].k) == ("full", None)
+    paths = write_report(root, root / "report.html")
+    assert "allocation" in paths["sections"]
+    html = paths["html"].read_text()
+    assert "From the selection of greedy run budget-a-s0." in html
+    for layer in prof.layer_ids:
+        assert f"<td>{layer}</td><td>4</td>" in html and f"<td>{len(greedy.experts[layer])}</td>" in html

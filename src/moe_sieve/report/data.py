@@ -88,7 +88,8 @@ def _run_info(root: Path, row: dict[str, str]) -> RunInfo:
                 break
     config = _read_json(run_dir / "config.json") if run_dir else None
     selection = _read_json(run_dir / "selection.json") if run_dir else None
-    strategy = (config or {}).get("strategy") or strategy_of(row.get("condition", ""))
+    train = (config or {}).get("train") if isinstance((config or {}).get("train"), dict) else config
+    strategy = (train or {}).get("strategy") or strategy_of(row.get("condition", ""))
     k = None
     if selection is not None:
         k = (selection.get("params") or {}).get("k_resolved")
