@@ -207,3 +207,10 @@ def test_run_profile_from_saved_model_and_local_jsonl(tmp_path, tiny_model_dir):
     assert profile.num_examples == 4
     assert profile.metadata["data"]["count_tokens"] == "completion"
     assert profile.counts_LE.sum() == profile.tokens * profile.top_k * len(profile.layer_ids)
+
+
+@pytest.mark.parametrize("family, expected", [("olmoe", 0.0), ("qwen2_moe", 2.0), ("deepseek_v3", 1.0)])
+def test_shared_expert_equivalents_follow_the_config(family, expected, byte_tokenizer):
+    # qwen2_moe tiny: shared_expert_intermediate_size 32 over moe_intermediate_size 16; deepseek_v3: 1 shared expert
+    prof = _profile(build_tiny(family), byte_tokenizer, batch_size=5)
+    assert prof.metadata["model"]["shared_expert_equivalents"] == expected
