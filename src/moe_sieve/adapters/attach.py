@@ -13,7 +13,7 @@ from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..arch import MoELayer, MoEShape, config_fingerprint, find_moe_layers, get_arch
+from ..arch import ArchSpec, MoELayer, MoEShape, UnsupportedModelError, config_fingerprint, find_moe_layers, get_arch
 from ..profiling.artifact import ProfileMismatchError
 from .config import SieveLoraConfig
 from .experts import ExpertLoRA, register_sieve_experts_implementation, use_sieve_experts
@@ -36,6 +36,20 @@ class AdaptedModule:
 
 
 @dataclass
+class SkippedModule:
+    """A module of a requested group that was deliberately left without LoRA, and why."""
+
+    group: str
+    layer: int | None
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer} " if self.layer is not None else ""
+        return f"{where}{self.name.rpartition('.')[2]}: {self.reason}"
+
+
+@dataclass
 class SieveState:
     """What was attached, kept on the model as ``model.moe_sieve`` for saving, merging and reporting."""
 
@@ -45,6 +59,7 @@ class SieveState:
     base_config_fingerprint: str
     modules: list[AdaptedModule] = field(default_factory=list)
     previous_experts_implementation: Any = None
+    skipped: list[SkippedModule] = field(default_factory=list)
 
     def params_by_group(self) -> dict[str, int]:
         totals = {"attention": 0, "router": 0, "shared": 0, "experts": 0}
@@ -60,7 +75,8 @@ class SieveState:
         table = Table(title=f"Sieve LoRA (r={self.config.r}, alpha={self.config.alpha}, experts={self.config.experts})")
         for column in ("layer", "attention", "router", "shared", "adapted experts", "expert params"):
             table.add_column(column, justify="right")
-        layers = sorted({m.layer for m in self.modules if m.layer is not None})
+        table.add_column("not adapted (why)", justify="left")
+        layers = sorted({m.layer for m in self.modules + self.skipped if m.layer is not None})
         for layer in layers:
             rows = [m for m in self.modules if m.layer == layer]
 
@@ -75,12 +91,16 @@ class SieveState:
                 f"{total('shared'):,}",
                 f"{n_experts}/{self.shape.num_experts}" if layer in self.experts else "-",
                 f"{total('experts'):,}",
+                "\n".join(f"{s.name.rpartition('.')[2]}: {s.reason}" for s in self.skipped if s.layer == layer),
             )
         groups = self.params_by_group()
         table.caption = (
             f"trainable {self.trainable_params:,} = attention {groups['attention']:,} + router {groups['router']:,}"
             f" + shared {groups['shared']:,} + experts {groups['experts']:,}"
         )
+        unplaced = [str(s) for s in self.skipped if s.layer is None]
+        if unplaced:
+            table.caption += "\nnot adapted: " + "; ".join(unplaced)
         return table
 
 
@@ -174,44 +194,46 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
             p.requires_grad_(True)
         state.modules.append(AdaptedModule(group, layer, name, sum(p.numel() for p in params), list(expert_ids)))
 
+    def skip(group: str, layer: int | None, name: str, reason: str) -> None:
+        state.skipped.append(SkippedModule(group, layer, name, reason))
+
     with _seeded(config.seed):
         if "attention" in config.targets:
-            attention_names = [
-                name
-                for name, _ in model.named_modules()
-                if name.rpartition(".")[2] in spec.attention_attrs and _layer_of(name) is not None
-            ]
-            for attn_name in attention_names:
-                attn = model.get_submodule(attn_name)
-                for name in _linear_children(attn, attn_name, None):
-                    wrapper = _wrap_linear(model, name, config, config.dropout)
-                    add("attention", name, _lora_params(wrapper), _layer_of(name))
+            _attach_attention(model, spec, layers, config, add, skip)
         for layer in layers:
             if "router" in config.targets:
-                if isinstance(layer.router, nn.Linear):
-                    wrapper = _wrap_linear(model, layer.router_name, config, 0.0)
-                    add("router", layer.router_name, _lora_params(wrapper), layer.layer_id)
-                else:
-                    weight = layer.router.weight
-                    delta = LoraWeightDelta(
-                        weight.shape[0],
-                        weight.shape[1],
-                        config.r,
-                        config.alpha,
-                        device=weight.device,
-                        dtype=weight.dtype,
-                    )
-                    parametrize.register_parametrization(layer.router, "weight", delta)
-                    layer.router.parametrizations.weight.original.requires_grad_(False)
-                    add("router", layer.router_name, [delta.lora_A, delta.lora_B], layer.layer_id)
+                _attach_router(model, layer, config, add)
             if "shared" in config.targets:
                 for attr, shared in layer.shared.items():
                     prefix = f"{layer.name}.{attr}"
-                    for name in _linear_children(shared, prefix, spec.mlp_projections):
+                    names = _linear_children(shared, prefix, None)
+                    if not names:
+                        skip("shared", layer.layer_id, prefix, f"{type(shared).__name__} holds no nn.Linear")
+                    for name in names:
+                        if model.get_submodule(name).out_features == 1:
+                            skip("shared", layer.layer_id, name, "scalar gate, not adapted by design")
+                            continue
                         wrapper = _wrap_linear(model, name, config, config.dropout)
                         add("shared", name, _lora_params(wrapper), layer.layer_id)
+            for attr, module in layer.unrecognised.items():
+                skip(
+                    "other",
+                    layer.layer_id,
+                    f"{layer.name}.{attr}",
+                    f"{type(module).__name__} is neither router, experts nor a known shared module "
+                    f"({'/'.join(spec.shared_attrs)}); not adapted",
+                )
             ids = experts[layer.layer_id]
             if "experts" in config.targets and ids:
+                if layer.layout.storage == "fused" and not layer.layout.dispatched:
+                    why = spec.experts_lora_unsupported or (
+                        f"{type(layer.experts).__name__} is not a transformers experts-interface module "
+                        "(its forward never receives the routing)"
+                    )
+                    raise UnsupportedModelError(
+                        f"layer {layer.layer_id} {layer.experts_name}: LoRA on routed experts is not supported: "
+                        f"{why}; train without the experts target (--targets attention,router,shared)"
+                    )
                 if layer.layout.storage == "fused":
                     lora = ExpertLoRA.for_experts(layer.experts, ids, config.r, config.alpha, config.dropout)
                     layer.experts.sieve_lora = lora
@@ -237,6 +259,81 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     model.moe_sieve = state
     verify_adapters(model)
     return state
+
+
+def _is_attention(name: str, module: nn.Module, spec: ArchSpec) -> bool:
+    """Attention by structure: transformers names every attention class ``*Attention`` (NemotronH keeps it
+    under ``mixer``, JetMoE under ``self_attention``); the spec's names add family-specific ones."""
+    if _layer_of(name) is None or isinstance(module, nn.Linear):
+        return False
+    return name.rpartition(".")[2] in spec.attention_attrs or type(module).__name__.endswith("Attention")
+
+
+def _decoder_layers(model: nn.Module, layers: Sequence[MoELayer]) -> tuple[str, nn.Module] | None:
+    """The ModuleList of decoder layers that holds the MoE blocks (``model.layers``)."""
+    match = _LAYER_INDEX.search(layers[0].name)
+    if match is None:
+        return None
+    prefix = layers[0].name[: match.start()]
+    stack = model.get_submodule(prefix) if prefix else model
+    return (prefix, stack) if isinstance(stack, nn.ModuleList) else None
+
+
+def _attach_attention(model, spec, layers, config, add, skip) -> None:
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if _is_attention(name, module, spec) and not any(name.startswith(f"{outer}.") for outer in found):
+            found.append(name)
+    stack = _decoder_layers(model, layers)
+    if not found and stack is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: attention LoRA requested but no attention module found (no module class named "
+            f"*Attention, none named {'/'.join(spec.attention_attrs)}); add its name to ArchSpec.attention_attrs "
+            "or train without the attention target"
+        )
+    for attn_name in found:
+        names = _linear_children(model.get_submodule(attn_name), attn_name, None)
+        if not names:
+            skip("attention", _layer_of(attn_name), attn_name, "holds no nn.Linear")
+        for name in names:
+            wrapper = _wrap_linear(model, name, config, config.dropout)
+            add("attention", name, _lora_params(wrapper), _layer_of(name))
+    if stack is not None:
+        prefix, decoder = stack
+        with_attention = {_layer_of(name) for name in found}
+        for index, block in enumerate(decoder):
+            if index not in with_attention:
+                kinds = sorted({type(m).__name__ for m in block.children() if any(p.dim() > 1 for p in m.parameters())})
+                skip("attention", index, f"{prefix}.{index}", f"no attention module in this layer ({', '.join(kinds)})")
+
+
+def _attach_router(model: nn.Module, layer: MoELayer, config: SieveLoraConfig, add) -> None:
+    """Router LoRA by what the router computes: the logits ``x W^T`` of its ``[E, hidden]`` weight.
+
+    A plain ``nn.Linear`` is wrapped (PEFT-style keys); anything else (``nn.Linear`` subclasses returning a
+    tuple such as PhiMoE's, v5 routers calling ``F.linear(x, self.weight)``, or a router holding an inner
+    linear such as HunYuan's ``gate.wg``) gets the update as a parametrization of that weight, so its own
+    forward runs unchanged.
+    """
+    if type(layer.router) is nn.Linear:
+        wrapper = _wrap_linear(model, layer.router_name, config, 0.0)
+        add("router", layer.router_name, _lora_params(wrapper), layer.layer_id)
+        return
+    if layer.router_weight_name is None:
+        raise UnsupportedModelError(
+            f"layer {layer.layer_id} {layer.router_name}: router LoRA not supported: {layer.router_weight_missing}; "
+            "train without the router target (--targets attention,shared,experts)"
+        )
+    owner = model.get_submodule(layer.router_weight_name)
+    if parametrize.is_parametrized(owner, "weight"):
+        raise UnsupportedModelError(f"{layer.router_weight_name}.weight already carries a parametrization")
+    weight = owner.weight
+    delta = LoraWeightDelta(
+        weight.shape[0], weight.shape[1], config.r, config.alpha, device=weight.device, dtype=weight.dtype
+    )
+    parametrize.register_parametrization(owner, "weight", delta)
+    owner.parametrizations.weight.original.requires_grad_(False)
+    add("router", layer.router_weight_name, [delta.lora_A, delta.lora_B], layer.layer_id)
 
 
 def _lora_params(wrapper: LoraLinear) -> list[nn.Parameter]:

@@ -10,7 +10,9 @@ from .registry import (
     config_fingerprint,
     find_moe_layers,
     get_arch,
+    read_routing,
     register_arch,
+    routing_from_scores_and_logits,
     routing_from_tuple,
     topk_weights_of,
 )
@@ -25,7 +27,9 @@ __all__ = [
     "config_fingerprint",
     "find_moe_layers",
     "get_arch",
+    "read_routing",
     "register_arch",
+    "routing_from_scores_and_logits",
     "routing_from_tuple",
     "topk_weights_of",
 ]

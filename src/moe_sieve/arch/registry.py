@@ -3,6 +3,7 @@ read the routing decision. Nothing else in moe-sieve looks at model names."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ class ExpertLayout:
     has_bias: bool = False
     is_transposed: bool = False
     is_concatenated: bool = True
+    # Whether the experts' forward receives the routing (transformers' ``@use_experts_implementation``
+    # interface). Other fused experts (Llama4: every expert sees every token, pre-scaled) are profiled
+    # from their router's output and cannot take the ``sieve_lora`` implementation.
+    dispatched: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +46,7 @@ class ExpertLayout:
             "has_bias": self.has_bias,
             "is_transposed": self.is_transposed,
             "is_concatenated": self.is_concatenated,
+            "dispatched": self.dispatched,
         }
 
 
@@ -59,13 +65,16 @@ class ArchSpec:
     model_types: tuple[str, ...] = ()
     experts_attr: str = "experts"
     router_attrs: tuple[str, ...] = ("gate", "router")
-    shared_attrs: tuple[str, ...] = ("shared_expert", "shared_experts", "shared_expert_gate")
-    attention_attrs: tuple[str, ...] = ("self_attn",)
+    shared_attrs: tuple[str, ...] = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")
+    # Attention is also found structurally (any module class named ``*Attention``); these names add to it.
+    attention_attrs: tuple[str, ...] = ("self_attn", "self_attention")
     mlp_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "moe_topk", "top_k")
     routing_from_router: RoutingExtractor | None = None
     description: str = ""
+    # Why routed-expert LoRA is refused for this family (None: supported); named in the error.
+    experts_lora_unsupported: str | None = None
 
 
 @dataclass
@@ -83,12 +92,24 @@ class MoELayer:
     top_k: int
     layout: ExpertLayout
     shared: dict[str, nn.Module] = field(default_factory=dict)
+    # The module whose 2D ``[num_experts, hidden]`` weight computes the router logits (the router itself,
+    # or one linear inside it), or None with ``router_weight_missing`` saying why.
+    router_weight_name: str | None = None
+    router_weight_missing: str = ""
+    # Children of the MoE block with weights that are neither router, experts nor shared: never adapted.
+    unrecognised: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def routing_source(self) -> str:
+        """``experts``: read from the experts' inputs; ``router``: from the router's output."""
+        return "experts" if self.layout.storage == "fused" and self.layout.dispatched else "router"
 
     def describe(self) -> dict[str, Any]:
         return {
             "layer": self.layer_id,
             "block": self.name,
             "router": self.router_name,
+            "router_weight": self.router_weight_name,
             "experts": self.experts_name,
             "shared": sorted(self.shared),
             "num_experts": self.num_experts,
@@ -120,6 +141,26 @@ def routing_from_tuple(output: Any, num_experts: int) -> tuple[torch.Tensor, tor
     if dense:
         return index, dense[-1]
     raise UnsupportedModelError("router output holds an expert index but no matching weight tensor")
+
+
+def routing_from_scores_and_logits(output: Any, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routers that return ``(dense scores [T, E], logits [T, E])`` and pick ``topk(logits, k)`` (Llama4).
+
+    The index is recomputed with the same ``torch.topk`` the router ran, so it is the router's own choice.
+    """
+    scores, logits = output[0], output[1]
+    if not (torch.is_tensor(scores) and torch.is_tensor(logits) and scores.shape == logits.shape):
+        raise UnsupportedModelError("router output is not (scores [tokens, experts], logits [tokens, experts])")
+    index = torch.topk(logits.reshape(-1, num_experts), top_k, dim=1).indices
+    return index, scores.reshape(-1, num_experts).gather(1, index)
+
+
+def read_routing(spec: ArchSpec, output: Any, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``spec.routing_from_router`` on a router output; extractors that take ``top_k`` get it."""
+    extractor = spec.routing_from_router
+    if "top_k" in inspect.signature(extractor).parameters:
+        return extractor(output, num_experts, top_k=top_k)
+    return extractor(output, num_experts)
 
 
 def topk_weights_of(top_k_index: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -169,6 +210,16 @@ for _spec in (
         description="GPT-OSS: transposed interleaved gate/up with biases",
     ),
     ArchSpec(
+        "llama4",
+        ("llama4", "llama4_text"),
+        routing_from_router=routing_from_scores_and_logits,
+        experts_lora_unsupported=(
+            "Llama4TextExperts runs every expert on every token (scores pre-multiplied, no routing inputs), "
+            "outside transformers' experts interface that routed-expert LoRA hooks into"
+        ),
+        description="Llama4 text: transposed fused experts fed all tokens, sigmoid top-k router, shared expert",
+    ),
+    ArchSpec(
         "deepseek_moe",
         ("deepseek",),
         routing_from_router=routing_from_tuple,
@@ -195,9 +246,11 @@ def _config_value(config: Any, keys: Sequence[str]) -> int | None:
 
 
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+_LAYOUT_FLAGS = ("has_gate", "is_transposed")
 
 
-def _expert_layout(experts: nn.Module) -> ExpertLayout | None:
+def _expert_layout(experts: nn.Module, hidden_size: int | None) -> ExpertLayout | None:
+    """Read the storage layout: the decorator's flags where transformers set them, else the real shapes."""
     if isinstance(experts, nn.ModuleList):
         if len(experts) and all(hasattr(experts[0], part) for part in _MLP_PARTS[1:]):
             return ExpertLayout("module_list", has_gate=hasattr(experts[0], "gate_proj"))
@@ -206,15 +259,49 @@ def _expert_layout(experts: nn.Module) -> ExpertLayout | None:
     if up is None:
         up = getattr(experts, "up_proj", None)
     down = getattr(experts, "down_proj", None)
-    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3):
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3 and down.dim() == 3):
         return None
+    if all(hasattr(experts, flag) for flag in _LAYOUT_FLAGS):
+        return ExpertLayout(
+            "fused",
+            has_gate=bool(experts.has_gate),
+            has_bias=bool(getattr(experts, "has_bias", False)),
+            is_transposed=bool(experts.is_transposed),
+            is_concatenated=bool(getattr(experts, "is_concatenated", True)),
+        )
+    # Not a transformers experts-interface module (no routing inputs, no flags): infer from the shapes.
+    # (out, in) storage has up [E, n*I, H] and down [E, H, I]; transposed has up [E, H, n*I], down [E, I, H].
+    has_gate = hasattr(experts, "gate_up_proj")
+    if hidden_size is None or (up.shape[-1] == hidden_size) == (up.shape[-2] == hidden_size):
+        raise UnsupportedModelError(
+            f"{type(experts).__name__}: cannot tell from gate_up/up {tuple(up.shape)} and down {tuple(down.shape)} "
+            f"with hidden size {hidden_size} whether the expert weights are stored transposed"
+        )
+    transposed = up.shape[-2] == hidden_size
     return ExpertLayout(
         "fused",
-        has_gate=bool(getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))),
-        has_bias=bool(getattr(experts, "has_bias", hasattr(experts, "down_proj_bias"))),
-        is_transposed=bool(getattr(experts, "is_transposed", False)),
-        is_concatenated=bool(getattr(experts, "is_concatenated", True)),
+        has_gate=has_gate,
+        has_bias=hasattr(experts, "down_proj_bias"),
+        is_transposed=transposed,
+        is_concatenated=True,
+        dispatched=False,
     )
+
+
+def _router_weight(router: nn.Module, router_name: str, num_experts: int) -> tuple[str | None, str]:
+    """The module holding the ``[num_experts, hidden]`` logit weight, judged by shape, not by class name."""
+
+    def is_logit_weight(module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts
+
+    if is_logit_weight(router):
+        return router_name, ""
+    inner = [(n, m) for n, m in router.named_modules() if n and isinstance(m, nn.Linear) and is_logit_weight(m)]
+    if len(inner) == 1:
+        return f"{router_name}.{inner[0][0]}", ""
+    what = f"{len(inner)} linears with {num_experts} outputs" if inner else f"no [{num_experts}, hidden] weight"
+    return None, f"router module type {type(router).__name__} holds {what}"
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -226,6 +313,7 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
     config = getattr(model, "config", None)
     cfg_experts = _config_value(config, spec.num_experts_keys)
     cfg_top_k = _config_value(config, spec.top_k_keys)
+    hidden_size = _config_value(config, ("hidden_size", "d_model"))
     layers: list[MoELayer] = []
     near_misses: list[str] = []
     for name, block in model.named_modules():
@@ -233,7 +321,7 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
         if not isinstance(experts, nn.Module):
             continue
         prefix = f"{name}." if name else ""
-        layout = _expert_layout(experts)
+        layout = _expert_layout(experts, hidden_size)
         router_attr = next((a for a in spec.router_attrs if isinstance(getattr(block, a, None), nn.Module)), None)
         if layout is None or router_attr is None:
             missing = "a router (" + "/".join(spec.router_attrs) + ")" if layout else "fused 3D expert weights"
@@ -248,6 +336,13 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
             continue
         match = _LAYER_INDEX.search(name)
         shared = {a: getattr(block, a) for a in spec.shared_attrs if isinstance(getattr(block, a, None), nn.Module)}
+        known = {router_attr, spec.experts_attr, *shared}
+        unrecognised = {
+            n: m
+            for n, m in block.named_children()
+            if n not in known and any(isinstance(sub, nn.Linear) for sub in m.modules())
+        }
+        router_weight_name, router_weight_missing = _router_weight(router, prefix + router_attr, int(num_experts))
         layers.append(
             MoELayer(
                 layer_id=int(match.group(1)) if match else len(layers),
@@ -261,6 +356,9 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
                 top_k=int(top_k),
                 layout=layout,
                 shared=shared,
+                router_weight_name=router_weight_name,
+                router_weight_missing=router_weight_missing,
+                unrecognised=unrecognised,
             )
         )
     if not layers:
@@ -275,9 +373,10 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
         )
     if len({layer.layer_id for layer in layers}) != len(layers):
         raise UnsupportedModelError(f"{type(model).__name__}: two MoE blocks map to the same layer index")
-    if layers[0].layout.storage == "module_list" and spec.routing_from_router is None:
+    if layers[0].routing_source == "router" and spec.routing_from_router is None:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: ModuleList experts need ArchSpec.routing_from_router (spec {spec.name!r})"
+            f"{type(model).__name__}: {type(layers[0].experts).__name__} never sees the routing, so it is read from "
+            f"the router's output, which needs ArchSpec.routing_from_router (spec {spec.name!r})"
         )
     return layers
 

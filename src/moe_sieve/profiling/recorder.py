@@ -2,7 +2,8 @@
 
 Fused experts are hooked on their inputs ``(hidden_states, top_k_index, top_k_weights)``, which every
 transformers experts backend (eager, batched_mm, grouped_mm, custom ones) receives, so the counts do
-not depend on the backend. ModuleList experts never see the routing, so their router's output is read.
+not depend on the backend. Experts that never see the routing (ModuleList experts, Llama4's all-token experts)
+are counted from their router's output.
 """
 
 from __future__ import annotations
@@ -11,17 +12,21 @@ from collections.abc import Sequence
 
 import torch
 
-from ..arch import ArchSpec, MoELayer, topk_weights_of
+from ..arch import ArchSpec, MoELayer, read_routing, topk_weights_of
 
 _INDEX_KWARGS = ("top_k_index", "router_indices", "selected_experts", "topk_indices", "topk_idx")
 _WEIGHT_KWARGS = ("top_k_weights", "routing_weights", "router_scores", "topk_weights", "topk_weight")
 
 
-def _fused_routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    hidden = args[0] if args else kwargs["hidden_states"]
-    index = args[1] if len(args) > 1 else next(kwargs[k] for k in _INDEX_KWARGS if k in kwargs)
-    weights = args[2] if len(args) > 2 else next(kwargs[k] for k in _WEIGHT_KWARGS if k in kwargs)
-    return hidden, index, weights
+def _fused_routing(args: tuple, kwargs: dict, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    index = args[1] if len(args) > 1 else next((kwargs[k] for k in _INDEX_KWARGS if k in kwargs), None)
+    weights = args[2] if len(args) > 2 else next((kwargs[k] for k in _WEIGHT_KWARGS if k in kwargs), None)
+    if index is None or weights is None:
+        raise RuntimeError(
+            f"{type(module).__name__} was called without (top_k_index, top_k_weights) (positional args: {len(args)}, "
+            f"keywords: {sorted(kwargs)}); its routing must be read from the router output instead"
+        )
+    return index, weights
 
 
 class RoutingRecorder:
@@ -43,7 +48,7 @@ class RoutingRecorder:
 
     def __enter__(self) -> RoutingRecorder:
         for position, layer in enumerate(self.layers):
-            if layer.layout.storage == "fused":
+            if layer.routing_source == "experts":
                 handle = layer.experts.register_forward_pre_hook(self._fused_hook(position), with_kwargs=True)
             else:
                 handle = layer.router.register_forward_hook(self._router_hook(position))
@@ -110,16 +115,16 @@ class RoutingRecorder:
 
     def _fused_hook(self, position: int):
         def hook(module, args, kwargs):
-            _, index, weights = _fused_routing(args, kwargs)
+            index, weights = _fused_routing(args, kwargs, module)
             self._record(position, index, weights)
 
         return hook
 
     def _router_hook(self, position: int):
-        num_experts = self.layers[position].num_experts
+        num_experts, top_k = self.layers[position].num_experts, self.layers[position].top_k
 
         def hook(module, args, output):
-            index, weights = self.spec.routing_from_router(output, num_experts)
+            index, weights = read_routing(self.spec, output, num_experts, top_k)
             self._record(position, index, weights)
 
         return hook
