@@ -200,9 +200,13 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     with _seeded(config.seed):
         if "attention" in config.targets:
             _attach_attention(model, spec, layers, config, add, skip)
+        if "shared" in config.targets and not any(layer.shared for layer in layers):
+            skip("shared", None, "shared", f"the model has no shared experts ({'/'.join(spec.shared_attrs)})")
         for layer in layers:
             if "router" in config.targets:
                 _attach_router(model, layer, config, add)
+            if "shared" in config.targets and not layer.shared and any(other.shared for other in layers):
+                skip("shared", layer.layer_id, layer.name, "this MoE block has no shared expert")
             if "shared" in config.targets:
                 for attr, shared in layer.shared.items():
                     prefix = f"{layer.name}.{attr}"
