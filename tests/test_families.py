@@ -11,6 +11,7 @@ tokens, and the activation-space adapter equals the merged weights.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import warnings
 from types import SimpleNamespace
@@ -18,7 +19,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
@@ -91,12 +91,13 @@ TESTER_OVERRIDES: dict[str, dict] = {
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
-def _moe_causal_lm_types() -> list[str]:
-    """Model types with a causal-LM class whose default config declares routed experts."""
+def _moe_causal_lm_types() -> dict[str, str]:
+    """Model types with a causal-LM class whose default config declares routed experts, mapped to the
+    type whose config is built (a composite config's text part when that has its own causal LM)."""
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    found = []
+    found = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -106,9 +107,10 @@ def _moe_causal_lm_types() -> list[str]:
                 continue
             for cfg in (config, getattr(config, "text_config", None)):
                 if cfg is not None and any(isinstance(getattr(cfg, k, None), int) for k in _MOE_KEYS):
-                    found.append(model_type)
+                    text_type = getattr(cfg, "model_type", model_type)
+                    found[model_type] = text_type if text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else model_type
                     break
-    return sorted(found)
+    return dict(sorted(found.items()))
 
 
 def tester_config(model_type: str, **extra):
@@ -152,7 +154,9 @@ def _batch(vocab: int, seed: int = 1, batch: int = 2, seq: int = 12):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, seq), generator=g)
     mask = torch.ones_like(ids)
-    return SimpleNamespace(input_ids=ids, attention_mask=mask, count_mask=mask.bool(), example_index=torch.arange(batch))
+    return SimpleNamespace(
+        input_ids=ids, attention_mask=mask, count_mask=mask.bool(), example_index=torch.arange(batch)
+    )
 
 
 def check_family(model: nn.Module, *, targets=("attention", "router", "shared", "experts")) -> dict:
@@ -181,15 +185,15 @@ def check_family(model: nn.Module, *, targets=("attention", "router", "shared", 
     num_experts = layers[0].num_experts
     selection = {layer.layer_id: [0, num_experts // 2, num_experts - 1] for layer in layers}
     with torch.no_grad():
-        base_logits = model(input_ids=batch.input_ids).logits
+        base_logits = model(input_ids=batch.input_ids, use_cache=False).logits
     state = apply_sieve_lora(model, selection, SieveLoraConfig(r=4, alpha=8, seed=0, targets=targets))
     with torch.no_grad():
-        fresh_logits = model(input_ids=batch.input_ids).logits
+        fresh_logits = model(input_ids=batch.input_ids, use_cache=False).logits
     torch.testing.assert_close(fresh_logits, base_logits, rtol=0, atol=1e-5)
 
     # One backward: gradient reaches exactly the selected experts that received tokens, nothing frozen.
     model.train(False)
-    model(input_ids=batch.input_ids).logits.float().pow(2).mean().backward()
+    model(input_ids=batch.input_ids, use_cache=False).logits.float().pow(2).mean().backward()
     trainable = {id(p) for m in model.modules() for p in m.parameters(recurse=False) if p.requires_grad}
     assert all(not p.requires_grad or id(p) in trainable for p in model.parameters())
     routed = profile.counts_LE > 0
@@ -199,7 +203,7 @@ def check_family(model: nn.Module, *, targets=("attention", "router", "shared", 
         lora = getattr(layer.experts, "sieve_lora", None)
         for slot, expert in enumerate(selection[layer.layer_id]):
             if isinstance(lora, ExpertLoRA):
-                grad = lora.down_B.grad[slot]
+                grad = None if lora.down_B.grad is None else lora.down_B.grad[slot]
             else:
                 grad = layer.experts[expert].down_proj.lora_B.weight.grad
             got = grad is not None and bool(grad.abs().sum() > 0)
@@ -217,8 +221,8 @@ def check_family(model: nn.Module, *, targets=("attention", "router", "shared", 
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        adapted = model(input_ids=batch.input_ids).logits
-        merged = merge_sieve_lora(model)(input_ids=batch.input_ids).logits
+        adapted = model(input_ids=batch.input_ids, use_cache=False).logits
+        merged = merge_sieve_lora(model)(input_ids=batch.input_ids, use_cache=False).logits
     assert not torch.allclose(adapted, base_logits, atol=1e-4)
     torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-4)
     return {"layers": len(layers), "skipped": [str(s) for s in state.skipped], "state": state}
@@ -302,27 +306,43 @@ def test_router_without_logit_weight_is_refused_by_name():
 # Families refused, with the reason the error must name (anything else must pass check_family).
 REFUSED = {
     "llama4_text": r"Llama4TextExperts runs every expert on every token",
-    "llama4": r"Llama4TextExperts runs every expert on every token",
     "jetmoe": r"no MoE layer found.*self_attention\.experts has no fused 3D expert weights",
 }
 
-SWEEP = _moe_causal_lm_types()
+# Families whose tiny config at the tester's defaults has no MoE layer (every layer dense, e.g. DeepSeek-V3's
+# first_k_dense_replace=3 > 2 layers): moe-sieve must refuse that config; the family itself may be covered
+# elsewhere (deepseek_v3: tests/conftest.py).
+DENSE_AT_TESTER_DEFAULTS: set[str] = set()
+
+MOE_TYPES = _moe_causal_lm_types()
+SWEEP = sorted({built for built in MOE_TYPES.values()})
 
 
 def test_sweep_enumerates_the_known_families():
     for model_type in ("olmoe", "mixtral", "phimoe", "hunyuan_v1_moe", "llama4_text", "nemotron_h", "qwen2_moe"):
         assert model_type in SWEEP
-    assert transformers.__version__ >= "5.17"
+    assert MOE_TYPES["llama4"] == "llama4_text"  # composite configs are covered by their text model
+
+
+# Run by default: one family per mechanism not covered above (a full sweep takes ~20 min on a loaded 2-core
+# box); MOE_SIEVE_FAMILY_SWEEP=all runs every family (the outcomes are listed in README "Supported models").
+DEFAULT_SWEEP = {"deepseek_v4", "granitemoe", "jamba", "jetmoe", "qwen3_next"}
+FULL_SWEEP = os.environ.get("MOE_SIEVE_FAMILY_SWEEP") == "all"
 
 
 @pytest.mark.parametrize("model_type", SWEEP)
 def test_family_is_supported_exactly_or_refused(model_type):
+    if not FULL_SWEEP and model_type not in DEFAULT_SWEEP:
+        pytest.skip("one of the full family sweep: set MOE_SIEVE_FAMILY_SWEEP=all")
     try:
         model = build(model_type)
         outcome = check_family(model)
     except UnsupportedModelError as err:
+        if model_type in DENSE_AT_TESTER_DEFAULTS:
+            assert "no MoE layer found" in str(err)
+            return
         assert model_type in REFUSED, f"{model_type} refused but expected supported: {err}"
         assert re.search(REFUSED[model_type], str(err)), str(err)
         return
-    assert model_type not in REFUSED, f"{model_type} supported but listed as refused"
+    assert model_type not in REFUSED and model_type not in DENSE_AT_TESTER_DEFAULTS, f"{model_type} is supported"
     assert outcome["layers"] >= 1

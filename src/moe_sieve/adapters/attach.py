@@ -152,13 +152,20 @@ def _wrap_linear(model: nn.Module, name: str, config: SieveLoraConfig, dropout: 
 
 
 def _linear_children(module: nn.Module, prefix: str, leaf_names: Sequence[str] | None) -> list[str]:
-    found = []
+    return _linears(module, prefix, leaf_names)[0]
+
+
+def _linears(module: nn.Module, prefix: str, leaf_names: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Plain ``nn.Linear`` modules under ``module`` (wrappable), and ``nn.Linear`` subclasses, whose own
+    forward may compute something other than ``x W^T + b`` (PhiMoE's router returns a tuple), kept apart."""
+    plain, subclassed = [], []
     for sub_name, sub in module.named_modules():
         if isinstance(sub, nn.Linear) and not isinstance(sub, LoraLinear):
             leaf = sub_name.rpartition(".")[2] if sub_name else prefix.rpartition(".")[2]
-            if leaf_names is None or leaf in leaf_names:
-                found.append(f"{prefix}.{sub_name}" if sub_name else prefix)
-    return [name for name in found if ".lora_" not in name and ".base_layer" not in name]
+            name = f"{prefix}.{sub_name}" if sub_name else prefix
+            if (leaf_names is None or leaf in leaf_names) and ".lora_" not in name and ".base_layer" not in name:
+                (plain if type(sub) is nn.Linear else subclassed).append(name)
+    return plain, subclassed
 
 
 @contextlib.contextmanager
@@ -210,7 +217,10 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
             if "shared" in config.targets:
                 for attr, shared in layer.shared.items():
                     prefix = f"{layer.name}.{attr}"
-                    names = _linear_children(shared, prefix, None)
+                    names, subclassed = _linears(shared, prefix, None)
+                    for name in subclassed:
+                        kind = type(model.get_submodule(name)).__name__
+                        skip("shared", layer.layer_id, name, f"{kind} subclasses nn.Linear; not adapted")
                     if not names:
                         skip("shared", layer.layer_id, prefix, f"{type(shared).__name__} holds no nn.Linear")
                     for name in names:
@@ -296,7 +306,10 @@ def _attach_attention(model, spec, layers, config, add, skip) -> None:
             "or train without the attention target"
         )
     for attn_name in found:
-        names = _linear_children(model.get_submodule(attn_name), attn_name, None)
+        names, subclassed = _linears(model.get_submodule(attn_name), attn_name, None)
+        for name in subclassed:
+            kind = type(model.get_submodule(name)).__name__
+            skip("attention", _layer_of(name), name, f"{kind} subclasses nn.Linear with its own forward; not adapted")
         if not names:
             skip("attention", _layer_of(attn_name), attn_name, "holds no nn.Linear")
         for name in names:

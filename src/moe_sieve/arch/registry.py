@@ -288,14 +288,22 @@ def _expert_layout(experts: nn.Module, hidden_size: int | None) -> ExpertLayout 
     )
 
 
-def _router_weight(router: nn.Module, router_name: str, num_experts: int) -> tuple[str | None, str]:
-    """The module holding the ``[num_experts, hidden]`` logit weight, judged by shape, not by class name."""
+def _router_weight(
+    router: nn.Module, router_name: str, num_experts: int, hidden_size: int | None
+) -> tuple[str | None, str]:
+    """The module holding the ``[num_experts, hidden]`` logit weight, judged by shape, not by class name.
 
-    def is_logit_weight(module: nn.Module) -> bool:
+    The router's own weight may carry extra rows (Inkling scores its shared experts too: ``[E + S, hidden]``).
+    """
+
+    def is_logit_weight(module: nn.Module, extra_rows: bool = False) -> bool:
         weight = getattr(module, "weight", None)
-        return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
+            return False
+        rows_ok = weight.shape[0] >= num_experts if extra_rows else weight.shape[0] == num_experts
+        return rows_ok and (hidden_size is None or weight.shape[1] == hidden_size)
 
-    if is_logit_weight(router):
+    if is_logit_weight(router, extra_rows=True):
         return router_name, ""
     inner = [(n, m) for n, m in router.named_modules() if n and isinstance(m, nn.Linear) and is_logit_weight(m)]
     if len(inner) == 1:
@@ -342,7 +350,9 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
             for n, m in block.named_children()
             if n not in known and any(isinstance(sub, nn.Linear) for sub in m.modules())
         }
-        router_weight_name, router_weight_missing = _router_weight(router, prefix + router_attr, int(num_experts))
+        router_weight_name, router_weight_missing = _router_weight(
+            router, prefix + router_attr, int(num_experts), hidden_size
+        )
         layers.append(
             MoELayer(
                 layer_id=int(match.group(1)) if match else len(layers),
