@@ -68,6 +68,50 @@ TESTER_OVERRIDES: dict[str, dict] = {
         interleave_moe_layer_step=1,
         moe_intermediate_size=16,
     ),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["full_attention", "conv"]),
+    "longcat_flash": dict(
+        vocab_size=32,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        expert_ffn_hidden_size=16,
+        num_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        kv_lora_rank=8,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        qk_nope_head_dim=16,
+        n_routed_experts=4,
+        zero_expert_num=2,
+        moe_topk=2,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+        router_bias=False,
+        max_position_embeddings=128,
+    ),
+    "bailing_hybrid": dict(
+        hidden_act="silu",
+        layer_types=["linear_attention", "full_attention"],
+        first_k_dense_replace=1,
+        short_conv_kernel_size=2,
+        head_dim=16,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        moe_intermediate_size=16,
+        num_local_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        gated_attention_proj_granularity_type="head_wise",
+    ),
+    # No ModelTester in the public test suite: only what the config's own validator demands is changed.
+    "qwen4_exp_text": dict(hidden_act="silu"),
+    "zaya": dict(num_experts_per_tok=1),
     "nemotron_h": dict(
         layers_block_type=["mamba", "moe", "mamba", "attention", "moe"],
         num_attention_heads=4,
@@ -113,7 +157,7 @@ def _moe_causal_lm_types() -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def tester_config(model_type: str, **extra):
+def tiny_tester_config(model_type: str, **extra):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
@@ -127,7 +171,7 @@ def build(model_type: str, seed: int = 0, **extra) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tester_config(model_type, **extra)
+    config = tiny_tester_config(model_type, **extra)
     # The tester's odd widths (37, 12) break torch's CPU grouped_mm stride rule: use the eager backend.
     model = AutoModelForCausalLM.from_config(config, experts_implementation="eager").float().eval()
     with torch.no_grad():  # real spread in the routers, so many experts win tokens
@@ -307,12 +351,20 @@ def test_router_without_logit_weight_is_refused_by_name():
 REFUSED = {
     "llama4_text": r"Llama4TextExperts runs every expert on every token",
     "jetmoe": r"no MoE layer found.*self_attention\.experts has no fused 3D expert weights",
+    "zaya": r"router LoRA not supported: router module type ZayaRouter holds no \[8, hidden\] weight",
+    "longcat_flash": r"LongcatFlashExperts: cannot tell .* whether the expert weights are stored transposed",
+}
+
+# Families whose model, built from the tester-default config, fails in transformers' own forward before
+# moe-sieve is involved (no public ModelTester to take a working config from).
+NO_TINY_CONFIG = {
+    "mimo_v2_flash": "MiMoV2Flash attention fails on the tester defaults (size mismatch in its own forward)",
 }
 
 # Families whose tiny config at the tester's defaults has no MoE layer (every layer dense, e.g. DeepSeek-V3's
 # first_k_dense_replace=3 > 2 layers): moe-sieve must refuse that config; the family itself may be covered
 # elsewhere (deepseek_v3: tests/conftest.py).
-DENSE_AT_TESTER_DEFAULTS: set[str] = set()
+DENSE_AT_TESTER_DEFAULTS = {"beam", "deepseek_v3", "deepseek_v32", "doge", "flint", "glm_moe_dsa"}
 
 MOE_TYPES = _moe_causal_lm_types()
 SWEEP = sorted({built for built in MOE_TYPES.values()})
@@ -326,7 +378,7 @@ def test_sweep_enumerates_the_known_families():
 
 # Run by default: one family per mechanism not covered above (a full sweep takes ~20 min on a loaded 2-core
 # box); MOE_SIEVE_FAMILY_SWEEP=all runs every family (the outcomes are listed in README "Supported models").
-DEFAULT_SWEEP = {"deepseek_v4", "granitemoe", "jamba", "jetmoe", "qwen3_next"}
+DEFAULT_SWEEP = {"deepseek_v4", "granitemoehybrid", "jetmoe", "qwen3_next", "zaya"}
 FULL_SWEEP = os.environ.get("MOE_SIEVE_FAMILY_SWEEP") == "all"
 
 
@@ -334,6 +386,8 @@ FULL_SWEEP = os.environ.get("MOE_SIEVE_FAMILY_SWEEP") == "all"
 def test_family_is_supported_exactly_or_refused(model_type):
     if not FULL_SWEEP and model_type not in DEFAULT_SWEEP:
         pytest.skip("one of the full family sweep: set MOE_SIEVE_FAMILY_SWEEP=all")
+    if model_type in NO_TINY_CONFIG:
+        pytest.skip(f"not exercised: {NO_TINY_CONFIG[model_type]}")
     try:
         model = build(model_type)
         outcome = check_family(model)

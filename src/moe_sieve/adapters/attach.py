@@ -44,9 +44,14 @@ class SkippedModule:
     name: str
     reason: str
 
+    @property
+    def label(self) -> str:
+        leaf = self.name.rpartition(".")[2]
+        return self.group if leaf.isdigit() else leaf
+
     def __str__(self) -> str:
         where = f"layer {self.layer} " if self.layer is not None else ""
-        return f"{where}{self.name.rpartition('.')[2]}: {self.reason}"
+        return f"{where}{self.label}: {self.reason}"
 
 
 @dataclass
@@ -91,7 +96,7 @@ class SieveState:
                 f"{total('shared'):,}",
                 f"{n_experts}/{self.shape.num_experts}" if layer in self.experts else "-",
                 f"{total('experts'):,}",
-                "\n".join(f"{s.name.rpartition('.')[2]}: {s.reason}" for s in self.skipped if s.layer == layer),
+                "\n".join(f"{s.label}: {s.reason}" for s in self.skipped if s.layer == layer),
             )
         groups = self.params_by_group()
         table.caption = (

@@ -60,7 +60,9 @@ class ProfileConfig:
 def _forward_kwargs(model: Any) -> dict[str, Any]:
     """Skip work the counts do not need: the KV cache and all but one position of the LM head."""
     params = inspect.signature(model.forward).parameters
-    kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+    # Forwards that take ``use_cache`` only through ``**kwargs`` (GraniteMoeHybrid) still honour it.
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in params or takes_kwargs else {}
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
     return kwargs
