@@ -366,7 +366,14 @@ def train(
             if run.staged:
                 stack.enter_context(run_lock(run.work))  # becomes RUN/.lock once swapped in
         run = _broadcast(run, state)
-        return _train_locked(config, run, resume, model, tokenizer, callbacks, state)
+        try:
+            return _train_locked(config, run, resume, model, tokenizer, callbacks, state)
+        except BaseException:
+            if run.staged and state.is_main_process:  # the old run was never touched; drop the new attempt
+                import shutil
+
+                shutil.rmtree(run.work, ignore_errors=True)
+            raise
 
 
 def _train_locked(
