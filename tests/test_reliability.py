@@ -222,7 +222,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_exists(tiny_model_dir, ro
         assert {p: p.read_bytes() for p in finished} == finished, kw
         assert not list(tmp_path.glob(".run.*")), kw  # no staging directory left behind
     # the old run's own selection and profile can be reused by the run that replaces it
-    for kw in ({"selection": str(run / "selection.json")}, {"profile": str(run / "profile")}):
+    for kw in ({"profile": str(run / "profile")}, {"selection": str(run / "selection.json")}):
         result = train(_config(tiny_model_dir, rows, run, max_steps=2, **kw), overwrite=True)
         assert result.metrics["steps"] == 2 and json.loads((run / "metrics.json").read_text())["steps"] == 2
         assert Selection.load(run / "selection.json").per_layer_k == {0: 2, 1: 2, 2: 2}
@@ -284,3 +284,101 @@ def test_artifacts_honour_the_umask_and_stale_temporaries_are_cleaned(tmp_path):
     with atomic_dir(tmp_path / "d", overwrite=True):
         pass
     assert not stale[0].exists() and not stale[1].exists() and live.exists()
+
+
+# --- finding 8: a huge row is not tokenized whole ----------------------------------------------------------------
+
+
+def _reference_sft(example, tokenizer, max_length):
+    """The definition: tokenize everything (prompt with special tokens, completion without), drop a doubled
+    BOS, add EOS, then cut to max_length."""
+    ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    flags = [False] * len(ids)
+    if example.completion:
+        comp = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        ids, flags = ids + comp, flags + [True] * len(comp)
+    bos = tokenizer.bos_token_id
+    if tokenizer.bos_token and example.prompt.startswith(tokenizer.bos_token) and len(ids) > 1 and ids[0] == ids[1] == bos:
+        ids, flags = ids[1:], flags[1:]
+    eos = tokenizer.eos_token_id
+    if eos is not None and not (flags and flags[-1] and ids[-1] == eos):
+        ids, flags = [*ids, eos], [*flags, True]
+    truncated = len(ids) > max_length
+    ids, flags = ids[:max_length], flags[:max_length]
+    if not any(flags):
+        return None
+    return ids, [t if f else -100 for t, f in zip(ids, flags, strict=True)], truncated
+
+
+def _tokenizers(byte_tokenizer):
+    from transformers import AutoTokenizer
+
+    from moe_sieve.demo import default_model_path
+
+    return {"byte": byte_tokenizer, "bpe": AutoTokenizer.from_pretrained(default_model_path())}
+
+
+def test_truncating_tokenization_equals_full_tokenization(byte_tokenizer):
+    from moe_sieve.data.sft import tokenize_for_sft
+    from moe_sieve.data.tasks import Example
+
+    rng = random.Random(0)
+    words = ["the", "cat", "12345", "sat", "ünïcode", "\n", "on", "mat.", "x" * 40, "  ", "Sum:", "7+8=15"]
+    examples = [Example("What is 2+2?", " 4", "s:1"), Example("", "plain text only", "s:2")]
+    for i in range(40):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(0, 400)))
+        completion = " ".join(rng.choice(words) for _ in range(rng.randint(1, 400)))
+        examples.append(Example(prompt, completion, f"r:{i}"))
+    examples.append(Example("q" * 5000, "a" * 5000, "nospace"))  # no whitespace to cut at
+    for name, tokenizer in _tokenizers(byte_tokenizer).items():
+        for example in examples:
+            for max_length in (1, 3, 16, 64, 300, 5000):
+                got = tokenize_for_sft(example, tokenizer, max_length)
+                want = _reference_sft(example, tokenizer, max_length)
+                if want is None:
+                    assert got is None, (name, example.source, max_length)
+                else:
+                    assert (got.input_ids, got.labels, got.truncated) == want, (name, example.source, max_length)
+
+
+def test_a_huge_row_is_not_tokenized_whole(byte_tokenizer):
+    import time
+
+    from moe_sieve.data.calibration import tokenize_example
+    from moe_sieve.data.sft import tokenize_for_sft
+    from moe_sieve.data.tasks import Example
+
+    text = ("lorem ipsum dolor sit amet 12345 " * 1_600_000)[:50_000_000]  # one 50 MB row
+    huge, head = Example("Q:", text, "big:1"), Example("Q:", text[:20_000], "big:1")
+    for tokenizer in _tokenizers(byte_tokenizer).values():
+        start = time.perf_counter()
+        item = tokenize_for_sft(huge, tokenizer, 16)
+        profiled = tokenize_example(huge, tokenizer, 16)
+        assert time.perf_counter() - start < 2.0
+        assert (item.input_ids, item.labels, item.truncated) == _reference_sft(head, tokenizer, 16)
+        full = tokenizer("Q:")["input_ids"] + tokenizer(text[:20_000], add_special_tokens=False)["input_ids"]
+        assert profiled.input_ids == full[:16] and profiled.cut
+
+
+# --- finding 10: checks happen before the expensive work -----------------------------------------------------
+
+
+def test_checks_come_before_profiling_and_model_loading(tiny_model_dir, rows, tmp_path, monkeypatch, capsys):
+    import moe_sieve.profiling as profiling
+    import moe_sieve.training.run as run_module
+
+    monkeypatch.setattr(run_module, "profile_examples", lambda *a, **k: pytest.fail("profiled before checking --k"))
+    with pytest.raises(ValueError, match="--k '99'"):
+        train(_config(tiny_model_dir, rows, tmp_path / "k", k="99"))
+    assert not (tmp_path / "k" / "config.json").exists()  # a failed check leaves no run record behind
+    monkeypatch.setattr(run_module, "load_model", lambda spec: pytest.fail("model loaded before checking the data"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        train(_config(tiny_model_dir, bad, tmp_path / "data"))
+    monkeypatch.setattr(profiling, "run_profile", lambda *a, **k: pytest.fail("profiled before checking --out"))
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "profile", "--model", tiny_model_dir, "--data", rows, "--out", tmp_path / "file" / "p"
+    )
+    assert code == 2 and "is not a directory" in err

@@ -277,7 +277,7 @@ def _load_task_rows(spec: TaskSpec, path: Path | None, split: str | None) -> tup
     size = path.stat().st_size
     if builder == "json" and path.suffix.lower() == ".jsonl":
         # datasets' JSON reader names neither the line nor the byte of a bad row; this check does.
-        if size and not any(True for _ in iter_jsonl_objects(path)):
+        if size and not sum(1 for _ in iter_jsonl_objects(path)):
             size = 0
     elif builder == "json" and size < 4096:
         try:
