@@ -231,7 +231,9 @@ def bad_inputs(tmp_path_factory, tiny_model_dir):
     (root / "keyless-selection.json").write_text(json.dumps({k: v for k, v in good.items() if k != "layers"}))
     (root / "fraction-selection.json").write_text(json.dumps({**good, "layers": {"0": [1.7], "1": [2], "2": [3]}}))
     (root / "rows.jsonl").write_text('{"text": "a b c d e f"}\n' * 8)
-    (root / "nonutf8.jsonl").write_bytes(b'{"question": "1+1?", "answer": "#### 2"}\n{"question": "\xff\xfe", "answer": "x"}\n')
+    (root / "nonutf8.jsonl").write_bytes(
+        b'{"question": "1+1?", "answer": "#### 2"}\n{"question": "\xff\xfe", "answer": "x"}\n'
+    )
     (root / "broken.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n\n{"question": "2+2?", "answer": \n')
     (root / "a-file").write_text("not a directory")
     (root / "demo-out").mkdir()
@@ -240,27 +242,88 @@ def bad_inputs(tmp_path_factory, tiny_model_dir):
 
 
 ERROR_CASES = {
-    "nonexistent model path": (["profile", "--model", "/nonexistent/model", "--data", "{rows}", "--out", "{tmp}/p"], "/nonexistent/model"),
-    "truncated adapter safetensors": (["merge", "{bad}/truncated-adapter", "--out", "{tmp}/m"], "truncated-adapter/adapter.safetensors"),
-    "truncated model safetensors": (["attach", "--model", "{bad}/truncated-model", "--selection", "{bad}/good-selection.json"], "truncated-model"),
-    "adapter config missing keys": (["merge", "{bad}/keyless-adapter", "--out", "{tmp}/m"], "keyless-adapter/adapter_config.json: missing keys"),
-    "selection missing keys": (["compare", "{bad}/keyless-selection.json", "{bad}/good-selection.json"], "keyless-selection.json"),
+    "nonexistent model path": (
+        ["profile", "--model", "/nonexistent/model", "--data", "{rows}", "--out", "{tmp}/p"],
+        "/nonexistent/model",
+    ),
+    "truncated adapter safetensors": (
+        ["merge", "{bad}/truncated-adapter", "--out", "{tmp}/m"],
+        "truncated-adapter/adapter.safetensors",
+    ),
+    "truncated model safetensors": (
+        ["attach", "--model", "{bad}/truncated-model", "--selection", "{bad}/good-selection.json"],
+        "truncated-model",
+    ),
+    "adapter config missing keys": (
+        ["merge", "{bad}/keyless-adapter", "--out", "{tmp}/m"],
+        "keyless-adapter/adapter_config.json: missing keys",
+    ),
+    "selection missing keys": (
+        ["compare", "{bad}/keyless-selection.json", "{bad}/good-selection.json"],
+        "keyless-selection.json",
+    ),
     "profile missing keys": (["stats", "{bad}/keyless-profile"], "keyless-profile/profile.json: missing keys"),
-    "device tpu7": (["profile", "--model", "{model}", "--data", "{rows}", "--device", "tpu7", "--out", "{tmp}/p"], "--device 'tpu7'"),
-    "NaN loss stop": (["train", "--model", "{bad}/nan-model", "--data", "{rows}", "--out", "{tmp}/t", "--strategy", "full", "--device", "cpu", "--max-steps", "2", "--batch-size", "8"], "training loss became nan at step 1"),
+    "device tpu7": (
+        ["profile", "--model", "{model}", "--data", "{rows}", "--device", "tpu7", "--out", "{tmp}/p"],
+        "--device 'tpu7'",
+    ),
+    "NaN loss stop": (
+        [
+            "train",
+            "--model",
+            "{bad}/nan-model",
+            "--data",
+            "{rows}",
+            "--out",
+            "{tmp}/t",
+            "--strategy",
+            "full",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+        ],
+        "training loss became nan at step 1",
+    ),
     "demo with an existing out": (["demo", "--out", "{bad}/demo-out"], "demo-out already holds results"),
     "train out is a file": (["train", "--data", "{rows}", "--out", "{bad}/a-file"], "a-file is a file"),
-    "profile out is a file": (["profile", "--model", "{model}", "--data", "{rows}", "--out", "{bad}/a-file"], "a-file is a file"),
+    "profile out is a file": (
+        ["profile", "--model", "{model}", "--data", "{rows}", "--out", "{bad}/a-file"],
+        "a-file is a file",
+    ),
     "merge out is a file": (["merge", "{bad}/adapter", "--out", "{bad}/a-file", "--overwrite"], "a-file is a file"),
-    "out under a file": (["profile", "--model", "{model}", "--data", "{rows}", "--out", "{bad}/a-file/p"], "a-file is not a directory"),
-    "model without a tokenizer": (["profile", "--model", "{bad}/no-tokenizer", "--data", "{rows}", "--out", "{tmp}/p", "--device", "cpu"], "no-tokenizer: no tokenizer files"),
-    "alpha nan": (["train", "--data", "{rows}", "--out", "{tmp}/t", "--alpha", "nan"], "--alpha must be a finite number"),
-    "compare rank-by bogus": (["compare", "{bad}/good-selection.json", "{bad}/good-selection.json", "--rank-by", "bogus"], "--rank-by must be count or mass"),
-    "expert id 1.7": (["compare", "{bad}/fraction-selection.json", "{bad}/good-selection.json"], "fraction-selection.json: invalid selection"),
+    "out under a file": (
+        ["profile", "--model", "{model}", "--data", "{rows}", "--out", "{bad}/a-file/p"],
+        "a-file is not a directory",
+    ),
+    "model without a tokenizer": (
+        ["profile", "--model", "{bad}/no-tokenizer", "--data", "{rows}", "--out", "{tmp}/p", "--device", "cpu"],
+        "no-tokenizer: no tokenizer files",
+    ),
+    "alpha nan": (
+        ["train", "--data", "{rows}", "--out", "{tmp}/t", "--alpha", "nan"],
+        "--alpha must be a finite number",
+    ),
+    "compare rank-by bogus": (
+        ["compare", "{bad}/good-selection.json", "{bad}/good-selection.json", "--rank-by", "bogus"],
+        "--rank-by must be count or mass",
+    ),
+    "expert id 1.7": (
+        ["compare", "{bad}/fraction-selection.json", "{bad}/good-selection.json"],
+        "fraction-selection.json: invalid selection",
+    ),
     "NaN adapter merge": (["merge", "{bad}/nan-adapter", "--out", "{tmp}/m"], "non-finite"),
-    "non-UTF-8 TASK:PATH": (["profile", "--model", "{model}", "--data", "gsm8k:{bad}/nonutf8.jsonl", "--out", "{tmp}/p"], "nonutf8.jsonl:2: not UTF-8"),
-    "broken JSON line in TASK:PATH": (["profile", "--model", "{model}", "--data", "gsm8k:{bad}/broken.jsonl", "--out", "{tmp}/p"], "broken.jsonl:3: invalid JSON"),
-}  # fmt: skip
+    "non-UTF-8 TASK:PATH": (
+        ["profile", "--model", "{model}", "--data", "gsm8k:{bad}/nonutf8.jsonl", "--out", "{tmp}/p"],
+        "nonutf8.jsonl:2: not UTF-8",
+    ),
+    "broken JSON line in TASK:PATH": (
+        ["profile", "--model", "{model}", "--data", "gsm8k:{bad}/broken.jsonl", "--out", "{tmp}/p"],
+        "broken.jsonl:3: invalid JSON",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
@@ -287,7 +350,14 @@ def test_debug_shows_the_traceback(monkeypatch, capsys, tmp_path):
 
 def test_merge_without_a_tokenizer_warns_and_writes_the_model_only(monkeypatch, capsys, tmp_path, bad_inputs):
     code, out, err = run_cli(
-        monkeypatch, capsys, "merge", bad_inputs / "adapter", "--out", tmp_path / "m", "--model", bad_inputs / "no-tokenizer"
+        monkeypatch,
+        capsys,
+        "merge",
+        bad_inputs / "adapter",
+        "--out",
+        tmp_path / "m",
+        "--model",
+        bad_inputs / "no-tokenizer",
     )
     assert code == 0, err
     assert "Warning:" in err and "NO tokenizer" in err and "no-tokenizer" in err

@@ -298,7 +298,12 @@ def _reference_sft(example, tokenizer, max_length):
         comp = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
         ids, flags = ids + comp, flags + [True] * len(comp)
     bos = tokenizer.bos_token_id
-    if tokenizer.bos_token and example.prompt.startswith(tokenizer.bos_token) and len(ids) > 1 and ids[0] == ids[1] == bos:
+    if (
+        tokenizer.bos_token
+        and example.prompt.startswith(tokenizer.bos_token)
+        and len(ids) > 1
+        and ids[0] == ids[1] == bos
+    ):
         ids, flags = ids[1:], flags[1:]
     eos = tokenizer.eos_token_id
     if eos is not None and not (flags and flags[-1] and ids[-1] == eos):

@@ -662,9 +662,7 @@ def _register_train_command() -> None:
                 f.name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[
-                    base | None, typer.Option(help=f.metadata.get("help", ""), show_default=shown)
-                ],
+                annotation=Annotated[base | None, typer.Option(help=f.metadata.get("help", ""), show_default=shown)],
             )
         )
 

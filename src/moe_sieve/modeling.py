@@ -138,7 +138,9 @@ def load_tokenizer(spec: ModelSpec) -> Any:
             "(tokenizer.save_pretrained)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=spec.trust_remote_code, revision=spec.revision
+        )
     except _hub_errors() as err:
         raise TokenizerMissingError(f"{path}: cannot load the tokenizer ({type(err).__name__}: {err})") from err
     if len(tokenizer) < MIN_VOCAB or not tokenizer("a b", add_special_tokens=False)["input_ids"]:

@@ -116,7 +116,11 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{config_path}: not a moe-sieve adapter of format version {ADAPTER_FORMAT_VERSION}")
     missing = [key for key in _REQUIRED_ADAPTER_KEYS if key not in config]
     shape = config.get("shape")
-    missing += [f"shape.{key}" for key in ("layer_ids", "num_experts", "top_k") if not isinstance(shape, dict) or key not in shape]
+    missing += [
+        f"shape.{key}"
+        for key in ("layer_ids", "num_experts", "top_k")
+        if not isinstance(shape, dict) or key not in shape
+    ]
     base = config.get("base_model")
     if not isinstance(base, dict) or "config_fingerprint" not in base:
         missing.append("base_model.config_fingerprint")

@@ -138,12 +138,14 @@ def check_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
     """
     run_dir = Path(config.out)
     if overwrite and resume:
-        raise ValueError("--overwrite and --resume exclude each other: --resume continues the run in --out, "
-                         "--overwrite replaces it")
+        raise ValueError(
+            "--overwrite and --resume exclude each other: --resume continues the run in --out, --overwrite replaces it"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"--out {run_dir} is a file, not a directory")
     ensure_writable(run_dir, overwrite=True, directory=True)
-    present = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    inputs = {Path(p).resolve() for p in (config.profile, config.selection) if p}  # e.g. RUN/profile made first
+    present = [name for name in RUN_ARTIFACTS if (run_dir / name).exists() and (run_dir / name).resolve() not in inputs]
     finished = [name for name in RESULT_FILES if (run_dir / name).exists()]
     if resume:
         if not run_dir.is_dir():
@@ -189,7 +191,8 @@ def prepare_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> RunDi
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temps_in(run_dir)
     clean_stale_temps(run_dir)
-    if overwrite and any((run_dir / name).exists() for name in RUN_ARTIFACTS):
+    inputs = {Path(p).resolve() for p in (config.profile, config.selection) if p}
+    if overwrite and any((run_dir / n).exists() and (run_dir / n).resolve() not in inputs for n in RUN_ARTIFACTS):
         return RunDir(run_dir, make_staging_dir(run_dir))
     return RunDir(run_dir, run_dir)
 

@@ -50,7 +50,7 @@ def last_complete_checkpoint(directory: str | os.PathLike, *, clean: bool = Fals
     """The newest complete checkpoint; incomplete ones (a kill during a save) are reported on stderr,
     skipped and, with ``clean``, removed so that no later step can mistake them for complete."""
     newest = None
-    for step, path in reversed(list_checkpoints(directory)):
+    for _step, path in reversed(list_checkpoints(directory)):
         if checkpoint_complete(path):
             newest = newest or path
             continue
@@ -98,7 +98,9 @@ class SieveTrainer(Trainer):
             for old in complete[: -self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
         """transformers computes the epoch to resume in as ``global_step // steps_per_epoch`` and checks
         ``max_steps`` only after an update; from a checkpoint taken at the final step of a partial epoch it
         would run one extra step (13 for ``--max-steps 12``). Such a run is already finished: skip the loop."""
