@@ -232,7 +232,7 @@ def _given_inputs(config: TrainConfig, model: Any) -> tuple[Selection | None, Pr
     shape = MoEShape.of(find_moe_layers(model))
     if config.experts_mode != "selected":
         return None, None
-    if config.strategy in ("topk", "random"):
+    if config.strategy in ("topk", "random", "greedy"):
         try:
             resolve_k(config.k, shape.num_experts)
         except (TypeError, ValueError) as err:
