@@ -1,6 +1,7 @@
 """CLI round trip on a tiny saved model and a local JSONL: profile -> stats -> select -> compare."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -168,3 +169,204 @@ def test_eval_command_writes_results(monkeypatch, capsys, tmp_path, tiny_model_d
     assert [p["gold"] for p in result["predictions"]] == ["1", "2", "3"]
     code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "r.json")
     assert code == 2 and "--overwrite" in err
+
+
+# --- one top-level error handler: every expected failure is one `Error:` line (issue 8, findings 6, 7, 10) ----
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_model_dir):
+    """Broken files of every kind, built once: truncated safetensors, JSON with missing keys, NaN weights..."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter
+    from moe_sieve.profiling import Profile
+
+    root = tmp_path_factory.mktemp("bad")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_sieve_lora(model, {0: [0, 1], 1: [2], 2: [3]}, SieveLoraConfig(r=2, alpha=4))
+    save_sieve_adapter(model, root / "adapter", base_model=str(tiny_model_dir))
+    for name in ("truncated-adapter", "keyless-adapter", "nan-adapter"):
+        shutil.copytree(root / "adapter", root / name)
+    weights = root / "truncated-adapter" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config_path = root / "keyless-adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["shape"]
+    config_path.write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(root / "nan-adapter" / "adapter.safetensors")
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, root / "nan-adapter" / "adapter.safetensors")
+
+    shutil.copytree(tiny_model_dir, root / "truncated-model")
+    weights = root / "truncated-model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (root / "no-tokenizer").mkdir()
+    for file in tiny_model_dir.iterdir():
+        if file.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(file, root / "no-tokenizer" / file.name)
+    nan_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        nan_model.model.embed_tokens.weight.fill_(float("nan"))
+    nan_model.save_pretrained(root / "nan-model")
+    shutil.copy(tiny_model_dir / "tokenizer.json", root / "nan-model")
+    shutil.copy(tiny_model_dir / "tokenizer_config.json", root / "nan-model")
+
+    Profile(
+        np.ones((3, 8), np.int64), np.ones((3, 8), np.float32), np.ones((1, 3, 8), np.int32),
+        np.ones((1, 3, 8), np.float32), np.ones(1, np.int64), [0, 1, 2], 8, 2, {"model": {"id": "x"}},
+    ).save(root / "keyless-profile")  # fmt: skip
+    meta = json.loads((root / "keyless-profile" / "profile.json").read_text())
+    del meta["num_experts"]
+    (root / "keyless-profile" / "profile.json").write_text(json.dumps(meta))
+    good = Selection({0: [1], 1: [2], 2: [3]}, num_experts=8, strategy="topk").to_json()
+    (root / "good-selection.json").write_text(json.dumps(good))
+    (root / "keyless-selection.json").write_text(json.dumps({k: v for k, v in good.items() if k != "layers"}))
+    (root / "fraction-selection.json").write_text(json.dumps({**good, "layers": {"0": [1.7], "1": [2], "2": [3]}}))
+    (root / "rows.jsonl").write_text('{"text": "a b c d e f"}\n' * 8)
+    (root / "nonutf8.jsonl").write_bytes(
+        b'{"question": "1+1?", "answer": "#### 2"}\n{"question": "\xff\xfe", "answer": "x"}\n'
+    )
+    (root / "broken.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n\n{"question": "2+2?", "answer": \n')
+    (root / "a-file").write_text("not a directory")
+    (root / "demo-out").mkdir()
+    (root / "demo-out" / "something").write_text("earlier results")
+    return root
+
+
+ERROR_CASES = {
+    "nonexistent model path": (
+        ["profile", "--model", "/nonexistent/model", "--data", "{rows}", "--out", "{tmp}/p"],
+        "/nonexistent/model",
+    ),
+    "truncated adapter safetensors": (
+        ["merge", "{bad}/truncated-adapter", "--out", "{tmp}/m"],
+        "truncated-adapter/adapter.safetensors",
+    ),
+    "truncated model safetensors": (
+        ["attach", "--model", "{bad}/truncated-model", "--selection", "{bad}/good-selection.json"],
+        "truncated-model",
+    ),
+    "adapter config missing keys": (
+        ["merge", "{bad}/keyless-adapter", "--out", "{tmp}/m"],
+        "keyless-adapter/adapter_config.json: missing keys",
+    ),
+    "selection missing keys": (
+        ["compare", "{bad}/keyless-selection.json", "{bad}/good-selection.json"],
+        "keyless-selection.json",
+    ),
+    "profile missing keys": (["stats", "{bad}/keyless-profile"], "keyless-profile/profile.json: missing keys"),
+    "device tpu7": (
+        ["profile", "--model", "{model}", "--data", "{rows}", "--device", "tpu7", "--out", "{tmp}/p"],
+        "--device 'tpu7'",
+    ),
+    "NaN loss stop": (
+        [
+            "train",
+            "--model",
+            "{bad}/nan-model",
+            "--data",
+            "{rows}",
+            "--out",
+            "{tmp}/t",
+            "--strategy",
+            "full",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+        ],
+        "training loss became nan at step 1",
+    ),
+    "demo with an existing out": (["demo", "--out", "{bad}/demo-out"], "demo-out already holds results"),
+    "train out is a file": (["train", "--data", "{rows}", "--out", "{bad}/a-file"], "a-file is a file"),
+    "profile out is a file": (
+        ["profile", "--model", "{model}", "--data", "{rows}", "--out", "{bad}/a-file"],
+        "a-file is a file",
+    ),
+    "merge out is a file": (["merge", "{bad}/adapter", "--out", "{bad}/a-file", "--overwrite"], "a-file is a file"),
+    "out under a file": (
+        ["profile", "--model", "{model}", "--data", "{rows}", "--out", "{bad}/a-file/p"],
+        "a-file is not a directory",
+    ),
+    "model without a tokenizer": (
+        ["profile", "--model", "{bad}/no-tokenizer", "--data", "{rows}", "--out", "{tmp}/p", "--device", "cpu"],
+        "no-tokenizer: no tokenizer files",
+    ),
+    "alpha nan": (
+        ["train", "--data", "{rows}", "--out", "{tmp}/t", "--alpha", "nan"],
+        "--alpha must be a finite number",
+    ),
+    "compare rank-by bogus": (
+        ["compare", "{bad}/good-selection.json", "{bad}/good-selection.json", "--rank-by", "bogus"],
+        "--rank-by must be count or mass",
+    ),
+    "expert id 1.7": (
+        ["compare", "{bad}/fraction-selection.json", "{bad}/good-selection.json"],
+        "fraction-selection.json: invalid selection",
+    ),
+    "NaN adapter merge": (["merge", "{bad}/nan-adapter", "--out", "{tmp}/m"], "non-finite"),
+    "non-UTF-8 TASK:PATH": (
+        ["profile", "--model", "{model}", "--data", "gsm8k:{bad}/nonutf8.jsonl", "--out", "{tmp}/p"],
+        "nonutf8.jsonl:2: not UTF-8",
+    ),
+    "broken JSON line in TASK:PATH": (
+        ["profile", "--model", "{model}", "--data", "gsm8k:{bad}/broken.jsonl", "--out", "{tmp}/p"],
+        "broken.jsonl:3: invalid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_expected_failures_are_one_error_line(case, monkeypatch, capsys, tmp_path, tiny_model_dir, bad_inputs):
+    args, expected = ERROR_CASES[case]
+    fill = {"rows": bad_inputs / "rows.jsonl", "tmp": tmp_path, "bad": bad_inputs, "model": tiny_model_dir}
+    code, out, err = run_cli(monkeypatch, capsys, *(a.format(**fill) for a in args))
+    errors = [line[line.index("Error:") :] for line in re.split(r"[\r\n]+", err) if "Error:" in line]
+    assert code == 2, (case, out, err[-2000:])
+    assert len(errors) == 1 and errors[0].startswith("Error: ") and expected in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    if case != "NaN loss stop":  # nothing written (the NaN run keeps its record and checkpoints)
+        assert not list(tmp_path.iterdir())
+
+
+def test_debug_shows_the_traceback(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MOE_SIEVE_DEBUG", "0")
+    with pytest.raises(FileNotFoundError, match="not a moe-sieve profile"):
+        run_cli(monkeypatch, capsys, "--debug", "stats", tmp_path / "none")
+    monkeypatch.setenv("MOE_SIEVE_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        run_cli(monkeypatch, capsys, "stats", tmp_path / "none")
+
+
+def test_merge_without_a_tokenizer_warns_and_writes_the_model_only(monkeypatch, capsys, tmp_path, bad_inputs):
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "merge",
+        bad_inputs / "adapter",
+        "--out",
+        tmp_path / "m",
+        "--model",
+        bad_inputs / "no-tokenizer",
+    )
+    assert code == 0, err
+    assert "Warning:" in err and "NO tokenizer" in err and "no-tokenizer" in err
+    assert (tmp_path / "m" / "config.json").exists() and not list((tmp_path / "m").glob("tokenizer*"))
+
+
+def test_train_help_shows_defaults(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run_cli(monkeypatch, capsys, "train", "--help")
+    assert code == 0
+    for shown in ("[default: (25%)]", "[default: (0.0002)]", "[default: (topk)]", "[default: (1024)]", "(none)"):
+        assert shown in out, shown

@@ -300,3 +300,29 @@ def test_train_hot_filler_adapts_top_hot_plus_cold_fillers(tiny_model_dir, toy_d
     for layer, ids in sel.experts.items():
         assert len(ids) == 4 and set(top1[layer]) <= set(ids) and not (set(ids) - set(top1[layer])) & set(top4[layer])
     assert result.metrics["adapted_experts"] == 3 * 4
+
+
+class _StopAfterSave(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_from_the_final_step_checkpoint_runs_no_extra_step(tiny_model_dir, toy_data, tmp_path):
+    """40 examples / batch 16 = 3 steps per epoch, so step 4 lies inside the second epoch: transformers resumed
+    there with one more update (5 steps for --max-steps 4) and a different adapter."""
+    kw = dict(max_examples=40, max_steps=4, save_steps=2, scheduler="constant")
+    full = train(_config(tiny_model_dir, toy_data, tmp_path / "full", **kw))
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_model_dir, toy_data, tmp_path / "cut", **kw), callbacks=[_StopAfterSave(4)])
+    assert not (tmp_path / "cut" / "adapter").exists()
+    result = train(_config(tiny_model_dir, toy_data, tmp_path / "cut", **kw), resume=True)
+    assert result.metrics["resumed_from"].endswith("checkpoint-4")
+    assert result.metrics["steps"] == full.metrics["steps"] == 4
+    a = load_file(tmp_path / "full" / "adapter" / "adapter.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

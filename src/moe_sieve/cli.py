@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -49,9 +50,28 @@ KOpt = Annotated[
 ]
 
 
+DEBUG_ENV = "MOE_SIEVE_DEBUG"
+
+
+def _print_error(message: str) -> None:
+    """One line, ``Error: ...``; the message is printed verbatim (no rich markup, so ``[0, 1]`` survives)."""
+    err_console.print("[bold red]Error:[/] ", end="")
+    err_console.print(" ".join(str(message).split()), markup=False, highlight=False)
+
+
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]Error:[/] {message}")
+    _print_error(message)
     raise typer.Exit(code=2)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show the full traceback of errors (or set {DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 @app.command()
@@ -87,7 +107,7 @@ def profile(
     from ._io import ensure_writable
     from .profiling import ProfileConfig, run_profile
 
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, directory=True)
     config = ProfileConfig(
         model=model,
         data=data,
@@ -233,6 +253,8 @@ def compare(
     """Mean per-layer Jaccard overlap between the top-k expert sets of several profiles (e.g. tasks)."""
     from .stats import selection_jaccard
 
+    if rank_by not in ("count", "mass"):
+        _fail(f"--rank-by must be count or mass, got {rank_by!r}")
     if len(paths) < 2:
         _fail("compare needs at least two profiles or selections")
     named = [_experts_of(path, k, rank_by) for path in paths]
@@ -278,7 +300,7 @@ def select(
     from .profiling import Profile
     from .selection import make_selection, selection_table
 
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, directory=False)
     prof = Profile.load(profile_dir)
     selection = make_selection(
         prof.counts_LE,
@@ -463,17 +485,23 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Fold the adapter into the base weights and write a plain transformers checkpoint."""
-    from ._io import atomic_dir
+    from ._io import atomic_dir, ensure_writable
     from .adapters import merge_sieve_lora
-    from .modeling import load_tokenizer
+    from .modeling import TokenizerMissingError, load_tokenizer
 
+    ensure_writable(out, overwrite, directory=True)
     with atomic_dir(out, overwrite) as tmp:
         merged, spec = _load_adapted(adapter, model, trust_remote_code, dtype)
         merge_sieve_lora(merged).save_pretrained(tmp)
         try:
             load_tokenizer(spec).save_pretrained(tmp)
-        except (OSError, ValueError):
-            err_console.print(f"[yellow]no tokenizer found for {spec.model}; wrote the model only[/]")
+        except TokenizerMissingError as err:
+            # The merged weights are still the result asked for; a degenerate tokenizer is never copied.
+            err_console.print(
+                f"[bold yellow]Warning:[/] {err}. The merged checkpoint in {out} has NO tokenizer: copy the "
+                "base model's tokenizer there before using it.",
+                markup=True,
+            )
     console.print(f"[green]merged checkpoint written[/] to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -486,8 +514,14 @@ def demo(
 ) -> None:
     """The recipe end to end on the embedded pretrained MoE: profile -> stats -> select hot-25% -> LoRA
     fine-tune on the arithmetic mini task -> held-out exact match before and after."""
+    from ._io import ensure_writable
     from .demo import DemoConfig, run_demo
 
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        _fail(f"--out {out} already holds results; pass --overwrite or choose another --out")
+    ensure_writable(out, overwrite=True, directory=True)
     run_demo(
         DemoConfig(out=str(out), train_steps=train_steps, eval_examples=eval_examples),
         overwrite=overwrite,
@@ -618,12 +652,17 @@ def _register_train_command() -> None:
             if typing.get_origin(hint) is tuple
             else next((a for a in typing.get_args(hint) if a is not type(None)), hint)
         )
+        if f.default is not dataclasses.MISSING:
+            shown = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            shown = "none" if shown is None else str(shown)
+        else:
+            shown = DEFAULT_MODEL if f.name == "model" else False
         params.append(
             inspect.Parameter(
                 f.name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[base | None, typer.Option(help=f.metadata.get("help", ""))],
+                annotation=Annotated[base | None, typer.Option(help=f.metadata.get("help", ""), show_default=shown)],
             )
         )
 
@@ -639,22 +678,39 @@ def _register_train_command() -> None:
 _register_train_command()
 
 
-def main() -> None:
-    from ._io import ArtifactExistsError
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures caused by inputs or the environment: one ``Error:`` line, never a traceback."""
+    from safetensors import SafetensorError
+
+    from ._io import ArtifactExistsError, RunLockedError
     from .arch import UnsupportedModelError
     from .profiling import ProfileMismatchError
 
-    try:
-        app()
-    except (
+    return (
         ArtifactExistsError,
-        FileNotFoundError,
+        RunLockedError,
         UnsupportedModelError,
         ProfileMismatchError,
-        ValueError,
-    ) as err:
-        err_console.print(f"[bold red]Error:[/] {err}")
+        OSError,  # FileNotFoundError, PermissionError, NotADirectoryError, FileExistsError ...
+        ValueError,  # includes UnicodeDecodeError, json.JSONDecodeError
+        ArithmeticError,  # NonFiniteLossError (the NaN-loss stop)
+        SafetensorError,  # truncated or corrupt .safetensors
+    )
+
+
+def main() -> None:
+    """The console entry point: every expected failure ends as one ``Error:`` line and exit code 2;
+    ``--debug`` (or MOE_SIEVE_DEBUG=1) shows the traceback instead."""
+    try:
+        app()
+    except expected_errors() as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        _print_error(str(err) or type(err).__name__)
         sys.exit(2)
+    except KeyboardInterrupt:
+        _print_error("interrupted; a finished result is never half-written (train --resume continues a run)")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,12 @@ _DTYPES = {
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r}: not a device ({err}); use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {device!r}: unsupported device type; use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     return resolved
@@ -62,7 +68,28 @@ def resolve_model_path(model: str) -> str:
                 f"the embedded model is missing from {path}; rebuild it with scripts/pretrain_default.py"
             )
         return str(path)
+    local = Path(model).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise NotADirectoryError(f"--model {model}: is a file, expected a model directory (or a hub id)")
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"--model {model}: {local / 'config.json'} not found; not a model directory")
+        return str(local)
+    if model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or model.endswith("/"):
+        raise FileNotFoundError(f"--model {model}: no such model directory")
     return model
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What from_pretrained raises for a missing, offline or broken checkpoint."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
 
 
 def load_model(spec: ModelSpec) -> Any:
@@ -80,18 +107,48 @@ def load_model(spec: ModelSpec) -> Any:
         kwargs["experts_implementation"] = spec.experts_implementation
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec.model), **kwargs)
+    path = resolve_model_path(spec.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except _hub_errors() as err:
+        raise ValueError(f"--model {spec.model}: cannot load the model ({type(err).__name__}: {err})") from err
     if not spec.device_map:
         model.to(device)
     return model
 
 
+class TokenizerMissingError(ValueError):
+    """The model directory has no usable tokenizer."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+MIN_VOCAB = 4  # special tokens alone: an empty tokenizer that transformers built from nothing
+
+
 def load_tokenizer(spec: ModelSpec) -> Any:
+    """``AutoTokenizer.from_pretrained``; a missing or empty tokenizer is an error naming the model directory
+    (transformers would otherwise build an empty one, and every example would "tokenize to no tokens")."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        resolve_model_path(spec.model), trust_remote_code=spec.trust_remote_code, revision=spec.revision
-    )
+    path = resolve_model_path(spec.model)
+    local = Path(path)
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise TokenizerMissingError(
+            f"{local}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer there "
+            "(tokenizer.save_pretrained)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=spec.trust_remote_code, revision=spec.revision
+        )
+    except _hub_errors() as err:
+        raise TokenizerMissingError(f"{path}: cannot load the tokenizer ({type(err).__name__}: {err})") from err
+    if len(tokenizer) < MIN_VOCAB or not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        raise TokenizerMissingError(
+            f"{path}: the tokenizer is empty ({len(tokenizer)} tokens, and text tokenizes to nothing); "
+            "save the model's real tokenizer there"
+        )
+    return tokenizer
 
 
 def input_device(model: Any) -> torch.device:

@@ -24,6 +24,22 @@ RANK_BY = ("count", "mass")
 _REQUIRED_KEYS = ("format_version", "num_experts", "strategy", "layers")
 
 
+def _integer(value: Any, what: str) -> int:
+    """An id as an int; 1.7 or "1.7" is an error, never truncated to 1 (JSON object keys are strings)."""
+    import operator
+
+    if isinstance(value, bool):
+        raise TypeError(f"{what} {value!r} is a boolean")
+    if isinstance(value, str):
+        if not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"{what} {value!r} is not an integer")
+        return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} {value!r} is not an integer") from None
+
+
 @dataclass
 class Selection:
     """Expert ids per MoE decoder layer, plus how they were chosen and from what profile.
@@ -47,8 +63,8 @@ class Selection:
         experts: dict[int, list[int]] = {}
         for layer, ids in self.experts.items():
             try:
-                layer_id = int(layer)
-                ids = [int(e) for e in ids]
+                layer_id = _integer(layer, "layer id")
+                ids = [_integer(e, "expert id") for e in ids]
             except (TypeError, ValueError) as err:
                 raise ValueError(f"layer {layer!r}: layer and expert ids must be integers ({err})") from None
             if layer_id in experts:

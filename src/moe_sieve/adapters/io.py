@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._io import atomic_dir, atomic_path
+from .._io import atomic_dir, atomic_path, read_safetensors
 from .._version import __version__
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..profiling.artifact import ProfileMismatchError
@@ -26,6 +26,7 @@ from .lora import LoraLinear, LoraWeightDelta
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+_REQUIRED_ADAPTER_KEYS = ("base_model", "lora", "experts", "shape")
 
 
 def _state(model: nn.Module) -> SieveState:
@@ -70,7 +71,7 @@ def save_factors(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy saved factors into an adapted model; every trainable tensor must be present with its shape."""
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path)
     params = trainable_parameters(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -109,8 +110,24 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path}: invalid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
     if config.get("format") != "moe-sieve-adapter" or config.get("format_version") != ADAPTER_FORMAT_VERSION:
         raise ValueError(f"{config_path}: not a moe-sieve adapter of format version {ADAPTER_FORMAT_VERSION}")
+    missing = [key for key in _REQUIRED_ADAPTER_KEYS if key not in config]
+    shape = config.get("shape")
+    missing += [
+        f"shape.{key}"
+        for key in ("layer_ids", "num_experts", "top_k")
+        if not isinstance(shape, dict) or key not in shape
+    ]
+    base = config.get("base_model")
+    if not isinstance(base, dict) or "config_fingerprint" not in base:
+        missing.append("base_model.config_fingerprint")
+    if missing:
+        raise ValueError(f"{config_path}: missing keys {sorted(set(missing))}")
+    if not isinstance(config["experts"], dict) or not isinstance(config["lora"], dict):
+        raise ValueError(f"{config_path}: 'experts' and 'lora' must be JSON objects")
     return config
 
 
@@ -150,6 +167,12 @@ def merge_sieve_lora(model: nn.Module) -> nn.Module:
     ``AutoModelForCausalLM.from_pretrained`` without moe-sieve.
     """
     state = _state(model)
+    bad = [name for name, p in trainable_parameters(model).items() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(
+            f"the adapter has non-finite (NaN/inf) values in {len(bad)} tensors (e.g. {bad[0]}); refusing to merge "
+            "it into the base weights"
+        )
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLinear):

@@ -24,6 +24,7 @@ class TokenizedExample:
     is_completion: list[bool]
     source: str
     has_prompt: bool = True
+    cut: bool = False  # more tokens follow that were not tokenized (only the needed prefix was)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -44,24 +45,56 @@ def _ids(encoding: Any) -> list[int]:
     return [int(i) for i in encoding["input_ids"]]
 
 
-def tokenize_example(example: Example, tokenizer: Any, max_length: int | None) -> TokenizedExample:
+PREFIX_MARGIN = 16  # tokens dropped at a prefix's cut, where tokenization may differ from the full text's
+
+
+def encode_prefix(text: str, tokenizer: Any, add_special_tokens: bool, need: int | None) -> tuple[list[int], bool]:
+    """Token ids of ``text`` of which at least the first ``need`` equal the full text's; ``cut`` when more follow.
+
+    A 50 MB row with ``--max-length 16`` must not tokenize 50 MB: tokenize a growing prefix (cut before a
+    whitespace, where pre-tokenizers split) until it yields ``need`` tokens plus a margin, and drop the margin,
+    whose tokens may differ at the cut. Short texts are tokenized whole, exactly as before.
+    """
+    chars = max(1024, 16 * ((need or 0) + PREFIX_MARGIN))
+    while need is not None and chars < len(text):
+        end = chars
+        space = max(text.rfind(" ", chars // 2, chars), text.rfind("\n", chars // 2, chars))
+        if space > 0:
+            end = space
+        ids = _ids(tokenizer(text[:end], add_special_tokens=add_special_tokens))
+        if len(ids) >= need + PREFIX_MARGIN:
+            return ids[: len(ids) - PREFIX_MARGIN], True
+        chars *= 4
+    return _ids(tokenizer(text, add_special_tokens=add_special_tokens)), False
+
+
+def tokenize_example(
+    example: Example, tokenizer: Any, max_length: int | None, *, exact_tokens: int | None = None
+) -> TokenizedExample:
     """Prompt with the tokenizer's special tokens, then the completion without, cut to ``max_length``.
 
     Tokenising the parts separately keeps the prompt/completion boundary exact, which counting relies on.
+    Only as much text is tokenized as the first ``max_length`` (or ``exact_tokens``) tokens need; ``cut``
+    says that more tokens followed.
     """
     if max_length is not None and max_length < 1:
         raise ValueError(f"--max-length must be >= 1, got {max_length}")
-    prompt_ids = _ids(tokenizer(example.prompt, add_special_tokens=True))
+    need = exact_tokens if exact_tokens is not None else max_length
+    prompt_ids, cut = encode_prefix(example.prompt, tokenizer, True, need)
     completion_ids = []
-    if example.completion:
-        completion_ids = _ids(tokenizer(example.completion, add_special_tokens=False))
+    if example.completion and not cut:
+        rest = None if need is None else max(1, need - len(prompt_ids))
+        completion_ids, cut = encode_prefix(example.completion, tokenizer, False, rest)
+    elif example.completion:
+        cut = True
     input_ids = prompt_ids + completion_ids
     is_completion = [False] * len(prompt_ids) + [True] * len(completion_ids)
     if max_length is not None:
+        cut = cut or len(input_ids) > max_length
         input_ids, is_completion = input_ids[:max_length], is_completion[:max_length]
     if not input_ids:
         raise ValueError(f"{example.source}: the example tokenizes to no tokens")
-    return TokenizedExample(input_ids, is_completion, example.source, has_prompt=bool(example.prompt))
+    return TokenizedExample(input_ids, is_completion, example.source, has_prompt=bool(example.prompt), cut=cut)
 
 
 def count_mask(tokenized: TokenizedExample, count_tokens: CountTokens) -> list[bool]:

@@ -193,7 +193,9 @@ def tokenize_for_sft(
     completion token is left, since such an example has no loss to learn from.
     """
     _check_rule(max_length, overflow)
-    tokenized = tokenize_example(example, tokenizer, None)
+    # Only the first max_length (+ a BOS that may be dropped, + EOS) tokens matter: a huge row is not
+    # tokenized whole. ``cut`` means the row is longer than that anyway.
+    tokenized = tokenize_example(example, tokenizer, None, exact_tokens=max_length + 2)
     input_ids, is_completion = tokenized.input_ids, tokenized.is_completion
     bos = getattr(tokenizer, "bos_token", None)
     if (
@@ -205,9 +207,11 @@ def tokenize_for_sft(
         # A chat template that renders its own BOS would get a second one from the tokenizer.
         input_ids, is_completion = input_ids[1:], is_completion[1:]
     eos = _eos_id(tokenizer)
-    if add_eos and eos is not None and not (is_completion and is_completion[-1] and input_ids[-1] == eos):
+    if tokenized.cut:  # its end (and any EOS) lies beyond max_length
+        pass
+    elif add_eos and eos is not None and not (is_completion and is_completion[-1] and input_ids[-1] == eos):
         input_ids, is_completion = [*input_ids, eos], [*is_completion, True]
-    truncated = len(input_ids) > max_length
+    truncated = tokenized.cut or len(input_ids) > max_length
     if truncated:
         if overflow == "drop":
             return None

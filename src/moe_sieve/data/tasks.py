@@ -275,7 +275,16 @@ def _load_task_rows(spec: TaskSpec, path: Path | None, split: str | None) -> tup
         formats = ", ".join(LOCAL_FORMATS)
         raise ValueError(f"{path}: unsupported file type; use one of {formats} or a dataset directory")
     size = path.stat().st_size
-    if size == 0 or (builder == "json" and size < 4096 and not path.read_text(encoding="utf-8").strip()):
+    if builder == "json" and path.suffix.lower() == ".jsonl":
+        # datasets' JSON reader names neither the line nor the byte of a bad row; this check does.
+        if size and not sum(1 for _ in iter_jsonl_objects(path)):
+            size = 0
+    elif builder == "json" and size < 4096:
+        try:
+            size = size if path.read_text(encoding="utf-8").strip() else 0
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.start + 1})") from None
+    if size == 0:
         raise ValueError(f"{path}: no examples (the file is empty)")
     return datasets.load_dataset(builder, data_files=str(path), split="train"), str(path)
 
@@ -313,11 +322,15 @@ def _load_task(
 
 def iter_jsonl_objects(path: Path, hint: str = "") -> Iterator[tuple[int, str, dict[str, Any]]]:
     """``(line number, "file:line", object)`` for each non-blank line; bad JSON names the file and line."""
-    with path.open(encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 text (byte {err.start + 1} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:

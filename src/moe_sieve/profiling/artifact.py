@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .._io import atomic_dir, fingerprint
+from .._io import atomic_dir, fingerprint, read_safetensors
 from .._version import __version__
 from ..arch import MoEShape
 
@@ -108,7 +108,7 @@ class Profile:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the profile directory atomically: a crash leaves no half-written profile behind."""
-        with atomic_dir(path, overwrite) as tmp:
+        with atomic_dir(path, overwrite, keep_others=True) as tmp:  # keeps e.g. selections saved beside it
             save_file(
                 {
                     "counts": torch.from_numpy(np.ascontiguousarray(self.counts_LE, dtype=np.int64)),
@@ -157,7 +157,10 @@ class Profile:
                 f"{meta_path}: not a moe-sieve profile of format version {PROFILE_FORMAT_VERSION} "
                 f"(format={meta.get('format')!r}, version={version!r})"
             )
-        tensors = load_file(str(tensors_path))
+        missing_keys = [key for key in ("layer_ids", "num_experts", "top_k") if key not in meta]
+        if missing_keys:
+            raise ValueError(f"{meta_path}: missing keys {missing_keys}")
+        tensors = read_safetensors(tensors_path)
         needed = ("counts", "mass", "example_counts", "example_mass", "example_tokens", "layer_ids")
         missing = [name for name in needed if name not in tensors]
         if missing:

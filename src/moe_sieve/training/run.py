@@ -14,11 +14,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import ArtifactExistsError, atomic_write_json
+from .._io import (
+    ArtifactExistsError,
+    atomic_write_json,
+    clean_stale_temps,
+    clean_stale_temps_in,
+    ensure_writable,
+    fingerprint,
+    make_staging_dir,
+    run_lock,
+    swap_in,
+)
 from .._version import __version__
 from ..adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
-from ..modeling import ModelSpec, load_model, load_tokenizer
+from ..modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from ..profiling import Profile, profile_model
 from ..profiling.profiler import profile_examples
 from ..selection import Selection, make_selection
@@ -43,44 +53,158 @@ def _dist():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _last_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+# Settings a run may change when it resumes (they extend or reshape the schedule, not what was computed).
+RESUMABLE_SETTINGS = ("max_steps", "epochs", "save_steps", "logging_steps", "report_to", "save_total_limit")
+# Settings that decide the selection (and so the adapter's shape): recorded as one fingerprint.
+SELECTION_SETTINGS = (
+    "model",
+    "data",
+    "split",
+    "max_examples",
+    "spider_dir",
+    "strategy",
+    "k",
+    "rank_by",
+    "selection",
+    "profile",
+    "profile_subsample",
+    "coverage",
+    "min_per_layer",
+    "seed",
+    "max_length",
+)
+RUN_ARTIFACTS = ("config.json", *STAGE_OUTPUTS)
 
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+def _file_digest(path: str | None) -> str | None:
+    """Content hash of a --selection file or --profile directory, so an edited input counts as a change."""
+    import hashlib
+
+    if not path:
+        return None
+    target = Path(path)
+    files = [target] if target.is_file() else sorted(target.glob("profile.*")) if target.is_dir() else []
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16] if files else None
 
 
-def prepare_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
-    """Refuse to replace finished results; with ``resume`` keep everything and continue."""
-    run_dir = Path(config.out)
-    finished = [name for name in RESULT_FILES if (run_dir / name).exists()]
-    if finished and not (overwrite or resume):
-        raise ArtifactExistsError(
-            f"{run_dir} already holds results ({', '.join(finished)}); pass --overwrite to replace them "
-            "or --resume to continue"
-        )
-    if resume and not run_dir.exists():
-        raise FileNotFoundError(f"--resume: {run_dir} does not exist")
+def selection_fingerprint(config: TrainConfig) -> str:
+    settings = {name: getattr(config, name) for name in SELECTION_SETTINGS}
+    settings["selection_content"] = _file_digest(config.selection)
+    settings["profile_content"] = _file_digest(config.profile)
+    return fingerprint(settings)
+
+
+def run_record(config: TrainConfig) -> dict[str, Any]:
+    """What ``config.json`` holds: the settings that produced this directory's artifacts."""
+    return {
+        "tool_version": __version__,
+        "train": config.to_json(),
+        "selection_fingerprint": selection_fingerprint(config),
+    }
+
+
+@dataclass
+class RunDir:
+    """Where a run's artifacts go: ``path`` itself, or a staging directory swapped in on success."""
+
+    path: Path
+    work: Path
+
+    @property
+    def staged(self) -> bool:
+        return self.work != self.path
+
+
+def _read_record(run_dir: Path) -> dict[str, Any] | None:
     saved = run_dir / "config.json"
-    if resume and saved.exists():
-        before = json.loads(saved.read_text())["train"]
+    if not saved.exists():
+        return None
+    try:
+        record = json.loads(saved.read_text(encoding="utf-8"))
+        record["train"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{saved}: not a moe-sieve run record ({err}); pass --overwrite to start over") from None
+    return record
+
+
+def check_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
+    """Every check on ``--out`` that needs no model: before any work, and before anything is written.
+
+    A directory's ``config.json`` records the settings that produced its artifacts; continuing with other
+    settings (or without ``--resume``) would mix two experiments, so it is refused unless ``--overwrite``.
+    """
+    run_dir = Path(config.out)
+    if overwrite and resume:
+        raise ValueError(
+            "--overwrite and --resume exclude each other: --resume continues the run in --out, --overwrite replaces it"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--out {run_dir} is a file, not a directory")
+    ensure_writable(run_dir, overwrite=True, directory=True)
+    inputs = {Path(p).resolve() for p in (config.profile, config.selection) if p}  # e.g. RUN/profile made first
+    present = [name for name in RUN_ARTIFACTS if (run_dir / name).exists() and (run_dir / name).resolve() not in inputs]
+    finished = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"--resume: {run_dir} does not exist")
+        record = _read_record(run_dir)
+        if record is None:
+            raise FileNotFoundError(f"--resume: {run_dir / 'config.json'} not found; {run_dir} holds no run to resume")
+        now = config.to_json()
         changed = {
-            k: (before.get(k), v)
-            for k, v in config.to_json().items()
-            if k not in ("max_steps", "epochs", "save_steps", "logging_steps", "report_to") and before.get(k) != v
+            key: (record["train"].get(key), value)
+            for key, value in now.items()
+            if key not in RESUMABLE_SETTINGS and record["train"].get(key) != value
         }
         if changed:
-            raise ValueError(f"--resume: {saved} was written with other settings: {changed}")
-    if overwrite and not resume:
-        import shutil
-
-        for name in STAGE_OUTPUTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+            raise ValueError(
+                f"--resume: {run_dir / 'config.json'} was written with other settings ({listed}); "
+                "resume with the same settings or pass --overwrite to start over"
+            )
+        saved_fp = record.get("selection_fingerprint")
+        if saved_fp is not None and saved_fp != selection_fingerprint(config):
+            raise ValueError(
+                f"--resume: the --selection/--profile input of {run_dir} changed since the run started "
+                "(its content fingerprint differs); pass --overwrite to start over"
+            )
+    elif present and not overwrite:
+        if finished:
+            raise ArtifactExistsError(
+                f"{run_dir} already holds results ({', '.join(finished)}); pass --overwrite to replace them "
+                "or --resume to continue"
+            )
+        raise ArtifactExistsError(
+            f"{run_dir} holds an unfinished run ({', '.join(present)}); pass --resume to continue it with the "
+            "same settings or --overwrite to start over (its selection and checkpoints are never reused silently)"
+        )
     return run_dir
+
+
+def prepare_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> RunDir:
+    """The directory to write into: the run directory, or (``--overwrite`` of an existing run) a staging
+    directory beside it that replaces the old run only when the new one has finished."""
+    run_dir = check_run_dir(config, overwrite, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps_in(run_dir)
+    clean_stale_temps(run_dir)
+    inputs = {Path(p).resolve() for p in (config.profile, config.selection) if p}
+    if overwrite and any((run_dir / n).exists() and (run_dir / n).resolve() not in inputs for n in RUN_ARTIFACTS):
+        return RunDir(run_dir, make_staging_dir(run_dir))
+    return RunDir(run_dir, run_dir)
+
+
+def _broadcast(value: Any, state: Any) -> Any:
+    if state.num_processes <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def profile_distributed(model: Any, batches: list, num_examples: int, state: Any) -> Profile:
@@ -101,22 +225,55 @@ def profile_distributed(model: Any, batches: list, num_examples: int, state: Any
     return profile
 
 
-def _selection_for(config: TrainConfig, model: Any, examples: list, tokenizer: Any, run_dir: Path, state: Any):
-    """The selection of this run: given, reused from an earlier attempt, or profiled now."""
-    layers = find_moe_layers(model)
-    shape = MoEShape.of(layers)
-    selection_path = run_dir / "selection.json"
+def _given_inputs(config: TrainConfig, model: Any) -> tuple[Selection | None, Profile | None]:
+    """Load and check a given --selection or --profile and --k against the model, before any work."""
+    from ..stats import resolve_k
+
+    shape = MoEShape.of(find_moe_layers(model))
     if config.experts_mode != "selected":
-        return None
+        return None, None
+    if config.strategy in ("topk", "random", "greedy"):
+        try:
+            resolve_k(config.k, shape.num_experts)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--k {config.k!r}: {err}") from None
+    selection = profile = None
     if config.selection:
         selection = Selection.load(config.selection)
-    elif selection_path.exists():
+        if sorted(selection.experts) != list(shape.layer_ids) or selection.num_experts != shape.num_experts:
+            from ..profiling import ProfileMismatchError
+
+            raise ProfileMismatchError(
+                f"{config.selection}: selection for layers {sorted(selection.experts)} x {selection.num_experts} "
+                f"experts does not fit {config.model} ({list(shape.layer_ids)} x {shape.num_experts})"
+            )
+    elif config.profile:
+        profile = Profile.load(config.profile)
+        profile.check_fits(shape, config_fingerprint(model.config))
+    return selection, profile
+
+
+def _selection_for(
+    config: TrainConfig,
+    model: Any,
+    examples: list,
+    tokenizer: Any,
+    work: Path,
+    state: Any,
+    given: tuple[Selection | None, Profile | None] = (None, None),
+    resume: bool = False,
+):
+    """The selection of this run: given, reused from the run being resumed, or profiled now."""
+    layers = find_moe_layers(model)
+    shape = MoEShape.of(layers)
+    selection_path = work / "selection.json"
+    if config.experts_mode != "selected":
+        return None
+    selection, profile = given
+    if selection is None and resume and selection_path.exists():
         selection = Selection.load(selection_path)
-    else:
-        profile = None
-        if config.profile:
-            profile = Profile.load(config.profile)
-        elif config.strategy != "random":
+    if selection is None:
+        if profile is None and config.strategy != "random":
             rng = np.random.default_rng(config.seed)
             count = max(1, math.floor(config.profile_subsample * len(examples) + 0.5))
             picked = sorted(rng.choice(len(examples), size=count, replace=False).tolist())
@@ -139,7 +296,7 @@ def _selection_for(config: TrainConfig, model: Any, examples: list, tokenizer: A
                 "examples": picked[:50],
             }
             if state.is_main_process:
-                profile.save(run_dir / "profile", overwrite=True)
+                profile.save(work / "profile", overwrite=True)
         if profile is not None:
             profile.check_fits(shape, config_fingerprint(model.config))
         counts = profile.counts_LE if profile is not None else np.zeros((len(layers), shape.num_experts), np.int64)
@@ -190,20 +347,59 @@ def train(
     tokenizer: Any = None,
     callbacks: list | None = None,
 ) -> TrainResult:
-    """Run the whole recipe. Works unchanged under ``accelerate launch`` / ``torchrun`` (DDP, FSDP)."""
+    """Run the whole recipe. Works unchanged under ``accelerate launch`` / ``torchrun`` (DDP, FSDP).
+
+    The run directory is locked for the whole run; its ``config.json`` records the settings, and with
+    ``overwrite`` the new run is built in a staging directory that replaces the old one only on success.
+    """
+    import contextlib
+
+    state = _dist()
+    with contextlib.ExitStack() as stack:
+        run = None
+        if state.is_main_process:
+            out = Path(config.out)
+            if out.exists() and not out.is_dir():
+                raise NotADirectoryError(f"--out {out} is a file, not a directory")
+            ensure_writable(out, overwrite=True, directory=True)
+            if resume and not out.is_dir():
+                raise FileNotFoundError(f"--resume: {out} does not exist")
+            stack.enter_context(run_lock(out))
+            run = prepare_run_dir(config, overwrite, resume)
+            if run.staged:
+                stack.enter_context(run_lock(run.work))  # becomes RUN/.lock once swapped in
+        run = _broadcast(run, state)
+        try:
+            return _train_locked(config, run, resume, model, tokenizer, callbacks, state)
+        except BaseException:
+            if run.staged and state.is_main_process:  # the old run was never touched; drop the new attempt
+                import shutil
+
+                shutil.rmtree(run.work, ignore_errors=True)
+            raise
+
+
+def _train_locked(
+    config: TrainConfig, run: RunDir, resume: bool, model: Any, tokenizer: Any, callbacks: list | None, state: Any
+) -> TrainResult:
     from transformers import TrainingArguments
 
     from ..data.sft import SFTCollator, build_sft_dataset, load_sft_examples
-    from .trainer import SieveTrainer, ThroughputCallback
+    from .trainer import SieveTrainer, ThroughputCallback, last_complete_checkpoint
 
-    state = _dist()
-    run_dir = prepare_run_dir(config, overwrite, resume)
-    checkpoints = run_dir / "checkpoints"
-    resume_from = _last_checkpoint(checkpoints) if resume else None
-    if resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {checkpoints}")
-    if state.is_main_process:
-        atomic_write_json(run_dir / "config.json", {"tool_version": __version__, "train": config.to_json()})
+    run_dir, work = run.path, run.work
+    checkpoints = work / "checkpoints"
+    resume_from = None
+    if resume:
+        if not any(checkpoints.glob("checkpoint-*")):
+            raise FileNotFoundError(f"--resume: no checkpoint under {checkpoints}")
+        found = last_complete_checkpoint(checkpoints, clean=state.is_main_process)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {checkpoints}")
+        resume_from = str(found)
+        if state.is_main_process:
+            print(f"moe-sieve: resuming from {resume_from}", file=sys.stderr)
+    state.wait_for_everyone()
 
     spec = ModelSpec(
         model=config.model,
@@ -214,7 +410,8 @@ def train(
         trust_remote_code=config.trust_remote_code,
         experts_implementation=config.experts_implementation,
     )
-    model = model if model is not None else load_model(spec)
+    resolve_device(spec.device)
+    # Cheap inputs first: a typo in --data fails before a large model is loaded.
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     examples = load_sft_examples(
         config.data,
@@ -224,7 +421,11 @@ def train(
         spider_dir=config.spider_dir,
         tokenizer=tokenizer,
     )
-    selection = _selection_for(config, model, examples, tokenizer, run_dir, state)
+    model = model if model is not None else load_model(spec)
+    given = _given_inputs(config, model)
+    if state.is_main_process:  # every input is valid: from here on this directory is this run's
+        atomic_write_json(work / "config.json", run_record(config))
+    selection = _selection_for(config, model, examples, tokenizer, work, state, given, resume)
     lora = SieveLoraConfig(
         r=config.r,
         alpha=config.alpha,
@@ -240,7 +441,7 @@ def train(
         Console(stderr=True).print(sieve.table())
     dataset, report = build_sft_dataset(examples, tokenizer, config.max_length, overflow=config.overflow)
     if state.is_main_process:
-        atomic_write_json(run_dir / "data_report.json", report.to_json())
+        atomic_write_json(work / "data_report.json", report.to_json())
         print(report.summary(), file=sys.stderr)
 
     world = max(1, state.num_processes)
@@ -267,7 +468,7 @@ def train(
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
+        save_total_limit=None,  # SieveTrainer rotates, and only after a checkpoint is complete
         report_to=[] if config.report_to == "none" else [config.report_to],
         **(
             {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
@@ -292,6 +493,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[ThroughputCallback(), *(callbacks or [])],
         base_model_id=config.model,
+        keep_checkpoints=config.save_total_limit,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -323,11 +525,13 @@ def train(
     if state.is_main_process:
         save_sieve_adapter(
             model,
-            run_dir / "adapter",
+            work / "adapter",
             overwrite=True,
             base_model=config.model,
             extra={"selection": None if selection is None else str(run_dir / "selection.json")},
         )
-        atomic_write_json(run_dir / "metrics.json", metrics)
+        atomic_write_json(work / "metrics.json", metrics)
+        if run.staged:  # the old run stays until the new one is complete
+            swap_in(work, run_dir)
     state.wait_for_everyone()
     return TrainResult(run_dir, metrics, selection)

@@ -3,14 +3,19 @@ optimizer state Trainer adds), non-finite losses stop the run, and tokens/s is l
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, fault_point
 from ..adapters.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, load_factors, save_factors
 
 
@@ -18,12 +23,93 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-class SieveTrainer(Trainer):
-    """Saves and restores only the LoRA factors, never the frozen base weights."""
+COMPLETE_MARKER = "moe_sieve_complete.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
-    def __init__(self, *args: Any, base_model_id: str | None = None, **kwargs: Any):
+
+def checkpoint_complete(path: str | os.PathLike) -> bool:
+    """A checkpoint counts once its marker (written last) exists and every file it lists has its size."""
+    marker = Path(path) / COMPLETE_MARKER
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        return all((Path(path) / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-N`` directory, oldest first (complete or not)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def last_complete_checkpoint(directory: str | os.PathLike, *, clean: bool = False) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (a kill during a save) are reported on stderr,
+    skipped and, with ``clean``, removed so that no later step can mistake them for complete."""
+    newest = None
+    for _step, path in reversed(list_checkpoints(directory)):
+        if checkpoint_complete(path):
+            newest = newest or path
+            continue
+        action = "removed" if clean else "ignored"
+        print(f"moe-sieve: {path} is incomplete (interrupted while saving); {action}", file=sys.stderr)
+        if clean:
+            shutil.rmtree(path, ignore_errors=True)
+    return newest
+
+
+class SieveTrainer(Trainer):
+    """Saves and restores only the LoRA factors, never the frozen base weights.
+
+    Checkpoints count only once complete (a marker listing every file and its size is written last), and
+    rotation (``keep_checkpoints``) runs after that marker, so a kill at any moment leaves the newest
+    complete checkpoint intact.
+    """
+
+    def __init__(
+        self, *args: Any, base_model_id: str | None = None, keep_checkpoints: int | None = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.base_model_id = base_model_id
+        self.keep_checkpoints = keep_checkpoints
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        fault_point("checkpoint-before-marker")
+        path = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        files = {
+            str(p.relative_to(path)): p.stat().st_size
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != COMPLETE_MARKER
+        }
+        for p in path.rglob("*"):  # on disk before the marker says so
+            if p.is_file():
+                with open(p, "rb") as handle:
+                    os.fsync(handle.fileno())
+        atomic_write_json(path / COMPLETE_MARKER, {"step": self.state.global_step, "files": files})
+        fault_point("checkpoint-after-marker")
+        if self.keep_checkpoints:
+            complete = [p for _, p in list_checkpoints(path.parent) if checkpoint_complete(p)]
+            for old in complete[: -self.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        """transformers computes the epoch to resume in as ``global_step // steps_per_epoch`` and checks
+        ``max_steps`` only after an update; from a checkpoint taken at the final step of a partial epoch it
+        would run one extra step (13 for ``--max-steps 12``). Such a run is already finished: skip the loop."""
+        epochs, steps = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is not None and 0 < max_steps <= self.state.global_step:
+            return num_train_epochs, 0
+        return epochs, steps
 
     def _sieve_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -35,6 +121,7 @@ class SieveTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         model = self._sieve_model()
         save_factors(model, os.path.join(output_dir, ADAPTER_WEIGHTS))
+        fault_point("checkpoint-save")
         atomic_write_json(os.path.join(output_dir, ADAPTER_CONFIG), adapter_config(model, self.base_model_id))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
