@@ -187,7 +187,10 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
                     wrapper = _wrap_linear(model, name, config, config.dropout)
                     add("attention", name, _lora_params(wrapper), _layer_of(name))
         for layer in layers:
-            if "router" in config.targets:
+            if "router" in config.targets and config.router == "full":
+                # Full fine-tuning of the router: its own weights train and are saved with the adapter.
+                add("router", layer.router_name, list(layer.router.parameters(recurse=False)), layer.layer_id)
+            elif "router" in config.targets and config.router == "lora":
                 if isinstance(layer.router, nn.Linear):
                     wrapper = _wrap_linear(model, layer.router_name, config, 0.0)
                     add("router", layer.router_name, _lora_params(wrapper), layer.layer_id)
@@ -237,6 +240,26 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     model.moe_sieve = state
     verify_adapters(model)
     return state
+
+
+def enable_router_aux_loss(model: nn.Module, coef: float) -> None:
+    """Make the model's forward add its own load-balancing loss, ``coef * aux_loss``, to the LM loss.
+
+    transformers computes it only with ``output_router_logits=True`` and scales it by the model attribute
+    ``router_aux_loss_coef`` (copied from the config at init), so both are set. Families without one
+    (e.g. DeepSeek-V3's bias-balanced routing) are refused rather than silently trained without it.
+    """
+    import inspect
+
+    if "output_router_logits" not in inspect.signature(model.forward).parameters or not hasattr(
+        model, "router_aux_loss_coef"
+    ):
+        raise ValueError(
+            f"--router-aux-loss: {type(model).__name__} computes no load-balancing loss in transformers"
+        )
+    model.config.output_router_logits = coef > 0
+    model.config.router_aux_loss_coef = float(coef)
+    model.router_aux_loss_coef = float(coef)
 
 
 def _lora_params(wrapper: LoraLinear) -> list[nn.Parameter]:

@@ -23,6 +23,7 @@ from ..profiling import Profile, profile_model
 from ..profiling.profiler import profile_examples
 from ..selection import Selection, make_selection
 from .config import TrainConfig
+from .monitor import routing_monitor
 
 RESULT_FILES = ("metrics.json", "adapter")
 STAGE_OUTPUTS = ("metrics.json", "adapter", "selection.json", "profile", "checkpoints", "data_report.json")
@@ -232,8 +233,10 @@ def train(
         targets=config.targets,
         experts=config.experts_mode,
         seed=config.seed,
+        router=config.router,
     )
     sieve = apply_sieve_lora(model, selection, lora)
+    monitor = routing_monitor(config, model, tokenizer, examples, sieve, run_dir, state, resume_from)
     if state.is_main_process:
         from rich.console import Console
 
@@ -290,9 +293,11 @@ def train(
         train_dataset=dataset,
         data_collator=SFTCollator(tokenizer),
         processing_class=tokenizer,
-        callbacks=[ThroughputCallback(), *(callbacks or [])],
+        callbacks=[ThroughputCallback(), *([monitor] if monitor else []), *(callbacks or [])],
         base_model_id=config.model,
     )
+    if monitor is not None:
+        monitor.bind(trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -320,6 +325,10 @@ def train(
         "resumed_from": resume_from,
         "data": report.to_json(),
     }
+    if monitor is not None:
+        metrics["routing_drift"] = monitor.summary(wall)
+        if state.is_main_process:
+            print(monitor.overhead_line(wall), file=sys.stderr)
     if state.is_main_process:
         save_sieve_adapter(
             model,
