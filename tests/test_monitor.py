@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from transformers import TrainerCallback
 from safetensors.numpy import load_file
 from scipy.stats import entropy
+from transformers import TrainerCallback
 
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
 from moe_sieve.data.calibration import make_batches, tokenize_example
@@ -46,7 +46,11 @@ def _deep_model(seed=0):
 def _batches(byte_tokenizer, n=12, batch_size=4):
     rng = random.Random(1)
     examples = [
-        Example(prompt=f"q{i}: " + "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(5, 30))), completion="x", source=f"t:{i}")
+        Example(
+            prompt=f"q{i}: " + "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(5, 30))),
+            completion="x",
+            source=f"t:{i}",
+        )
         for i in range(n)
     ]
     tokenized = [tokenize_example(e, byte_tokenizer, 64) for e in examples]

@@ -102,11 +102,19 @@ class DriftMonitor(TrainerCallback):
         self.is_main_process = is_main_process
         self.on_measure = on_measure
         self.trainer: Any = None
+        self.regrower: Any = None
         self.steps: list[int] = []
         self.counts: list[np.ndarray] = []
         self.selected: list[np.ndarray] = []
         self.figures: list[dict[str, np.ndarray]] = []
         self.seconds = 0.0
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [self] if self.regrower is None else [self, self.regrower]
+
+    def adapter_record(self) -> dict[str, Any]:
+        """What the final adapter's config records (the growth events under ``--reselect grow``)."""
+        return {} if self.regrower is None else self.regrower.record()
 
     def bind(self, trainer: Any) -> DriftMonitor:
         """Log through ``trainer.log`` so the measurements reach the ``--report-to`` trackers."""
@@ -282,7 +290,9 @@ def plot_drift(traces: dict[str, str | Path], out: str | Path) -> Path:
     return out
 
 
-def monitor_batches(examples: Sequence[Any], tokenizer: Any, *, count: int, batch_size: int, max_length: int, seed: int):
+def monitor_batches(
+    examples: Sequence[Any], tokenizer: Any, *, count: int, batch_size: int, max_length: int, seed: int
+):
     """The fixed monitor set: ``count`` training examples drawn with ``seed`` before training starts.
 
     They stay in the training data (taking them out would change the run the monitor observes); the monitor
@@ -367,14 +377,12 @@ def routing_monitor(
     if config.reselect == "grow":
         from .reselect import Regrower
 
-        Regrower(model, monitor, run_dir, state).attach()
+        monitor.regrower = Regrower(model, monitor, run_dir, state, seed=config.seed).attach()
     if resume_from is not None:
         step = int(Path(resume_from).name.rpartition("-")[2])
         trace = run_dir / TRACE_FILE
         if trace.exists():
             monitor.restore(trace, step)
-        if config.reselect == "grow":
-            from .reselect import regrow_for_resume
-
-            regrow_for_resume(model, monitor, resume_from)
+        if monitor.regrower is not None:
+            monitor.regrower.replay(step)
     return monitor

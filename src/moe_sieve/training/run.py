@@ -293,7 +293,7 @@ def train(
         train_dataset=dataset,
         data_collator=SFTCollator(tokenizer),
         processing_class=tokenizer,
-        callbacks=[ThroughputCallback(), *([monitor] if monitor else []), *(callbacks or [])],
+        callbacks=[ThroughputCallback(), *(monitor.callbacks() if monitor else []), *(callbacks or [])],
         base_model_id=config.model,
     )
     if monitor is not None:
@@ -335,7 +335,10 @@ def train(
             run_dir / "adapter",
             overwrite=True,
             base_model=config.model,
-            extra={"selection": None if selection is None else str(run_dir / "selection.json")},
+            extra={
+                "selection": None if selection is None else str(run_dir / "selection.json"),
+                **(monitor.adapter_record() if monitor else {}),
+            },
         )
         atomic_write_json(run_dir / "metrics.json", metrics)
     state.wait_for_everyone()
