@@ -24,6 +24,7 @@ from ..profiling.profiler import profile_examples
 from ..selection import Selection, make_selection
 from .config import TrainConfig
 from .monitor import routing_monitor
+from .sharding import check_fsdp
 
 RESULT_FILES = ("metrics.json", "adapter")
 STAGE_OUTPUTS = ("metrics.json", "adapter", "selection.json", "profile", "checkpoints", "data_report.json")
@@ -253,6 +254,7 @@ def train(
             f"x {world} processes"
         )
     device = next(p for p in model.parameters()).device
+    check_fsdp(config, device)
     use_bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -282,6 +284,7 @@ def train(
         ddp_backend="gloo" if device.type == "cpu" and world > 1 else None,
         ddp_find_unused_parameters=False,
         fsdp=config.fsdp or "",
+        fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"} if config.fsdp else None,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
