@@ -6,7 +6,7 @@
 set -euo pipefail
 OUT=${1:-runs/fsdp-gpu}
 MODEL=$(python -c "from moe_sieve.demo import default_model_path; print(default_model_path())")
-python -m moe_sieve.minitasks.generate "$OUT/minitasks" 2>/dev/null || true
+python -m moe_sieve.minitasks.generate "$OUT/minitasks" --corpus-docs 40
 COMMON=(--model "$MODEL" --data "gsm8k:$OUT/minitasks/arith" --max-steps 20 --batch-size 16 --micro-batch-size 8
         --save-steps 10 --dropout 0 --dtype float32 --overwrite)
 accelerate launch --num_processes 2 -m moe_sieve.cli train "${COMMON[@]}" --out "$OUT/two" --fsdp "full_shard auto_wrap"

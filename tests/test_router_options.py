@@ -9,7 +9,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, load_sieve_adapter
+from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, export_peft_adapter, load_sieve_adapter
 from moe_sieve.adapters.attach import enable_router_aux_loss
 from moe_sieve.selection import Selection
 from moe_sieve.training import TrainConfig, train
@@ -95,6 +95,8 @@ def test_full_router_trains_saves_and_reloads_its_weights(tiny_model_dir, toy, t
     assert state.config.router == "full"
     for name in base:
         assert torch.equal(model.get_parameter(name), routers[name])
+    with pytest.raises(NotImplementedError, match="--router full"):
+        export_peft_adapter(model, tmp_path / "peft")
 
 
 def _numpy_aux_loss(router_logits, attention_mask, num_experts, top_k):
