@@ -175,6 +175,18 @@ def test_train_writes_trace_metrics_and_logs_drift(tiny_model_dir, tmp_path):
     assert drift["final"]["drift/kl"] == pytest.approx(trace["kl_SL"][-1].mean(), abs=1e-7)
     assert drift == result.metrics["routing_drift"]
     assert [step for step, logs in seen if "drift/coverage" in logs] == [2, 4, 5]
+    # monitoring draws no random numbers and computes no gradients: the adapter is the one trained without it
+    import dataclasses
+
+    from safetensors.torch import load_file as load_torch
+
+    off = train(dataclasses.replace(config, out=str(tmp_path / "off"), monitor_every=0))
+    assert "routing_drift" not in off.metrics and not (tmp_path / "off" / TRACE_FILE).exists()
+    with_monitor = load_torch(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    without = load_torch(tmp_path / "off" / "adapter" / "adapter.safetensors")
+    assert with_monitor.keys() == without.keys()
+    for key in without:
+        assert torch.equal(with_monitor[key], without[key]), key
 
 
 def test_monitor_every_zero_is_off_and_validated():
