@@ -254,9 +254,7 @@ def enable_router_aux_loss(model: nn.Module, coef: float) -> None:
     if "output_router_logits" not in inspect.signature(model.forward).parameters or not hasattr(
         model, "router_aux_loss_coef"
     ):
-        raise ValueError(
-            f"--router-aux-loss: {type(model).__name__} computes no load-balancing loss in transformers"
-        )
+        raise ValueError(f"--router-aux-loss: {type(model).__name__} computes no load-balancing loss in transformers")
     model.config.output_router_logits = coef > 0
     model.config.router_aux_loss_coef = float(coef)
     model.router_aux_loss_coef = float(coef)
