@@ -270,15 +270,14 @@ def plot_drift(traces: dict[str, str | Path], out: str | Path) -> Path:
     axes[0].legend()
     vmax = max(float(t["kl_SL"].max()) for t in loaded.values()) or 1e-12
     for ax, (label, trace) in zip(axes[2:], loaded.items(), strict=True):
-        image = ax.imshow(
-            trace["kl_SL"].T,
-            aspect="auto",
-            origin="lower",
-            cmap="magma",
-            vmin=0,
-            vmax=vmax,
-            extent=(trace["steps_S"][0], trace["steps_S"][-1], -0.5, trace["kl_SL"].shape[1] - 0.5),
-        )
+        steps = trace["steps_S"].astype(float)
+        # one cell per measurement, spanning half-way to its neighbours
+        mids = (steps[1:] + steps[:-1]) / 2
+        gap = (steps[-1] - steps[0]) / max(len(steps) - 1, 1) or 1.0
+        edges = np.concatenate([[steps[0] - gap / 2], mids, [steps[-1] + gap / 2]])
+        layer_edges = np.arange(trace["kl_SL"].shape[1] + 1) - 0.5
+        image = ax.pcolormesh(edges, layer_edges, trace["kl_SL"].T, cmap="magma", vmin=0, vmax=vmax)
+        ax.set_yticks(range(trace["kl_SL"].shape[1]), [str(i) for i in trace["layer_ids_L"]])
         ax.set_title(f"{label}: KL(now || step 0) per layer")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("MoE layer")
