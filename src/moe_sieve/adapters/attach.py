@@ -215,8 +215,12 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
         if "shared" in config.targets and not any(layer.shared for layer in layers):
             skip("shared", None, "shared", f"the model has no shared experts ({'/'.join(spec.shared_attrs)})")
         for layer in layers:
-            if "router" in config.targets:
+            if "router" in config.targets and config.router == "full":
+                _train_router_weights(model, layer, add)
+            elif "router" in config.targets and config.router == "lora":
                 _attach_router(model, layer, config, add)
+            elif "router" in config.targets:
+                skip("router", layer.layer_id, layer.router_name, "router frozen (--router freeze)")
             if "shared" in config.targets and not layer.shared and any(other.shared for other in layers):
                 skip("shared", layer.layer_id, layer.name, "this MoE block has no shared expert")
             if "shared" in config.targets:
@@ -329,6 +333,17 @@ def _attach_attention(model, spec, layers, config, add, skip) -> None:
                 skip("attention", index, f"{prefix}.{index}", f"no attention module in this layer ({', '.join(kinds)})")
 
 
+def _train_router_weights(model: nn.Module, layer: MoELayer, add) -> None:
+    """``--router full``: the router's own logit weight trains and is saved with the adapter."""
+    owner = model.get_submodule(layer.router_weight_name) if layer.router_weight_name else layer.router
+    params = list(owner.parameters(recurse=False))
+    if not params:
+        raise UnsupportedModelError(
+            f"layer {layer.layer_id} {layer.router_name}: no router weight to train (--router full)"
+        )
+    add("router", layer.router_name, params, layer.layer_id)
+
+
 def _attach_router(model: nn.Module, layer: MoELayer, config: SieveLoraConfig, add) -> None:
     """Router LoRA by what the router computes: the logits ``x W^T`` of its ``[E, hidden]`` weight.
 
@@ -356,6 +371,24 @@ def _attach_router(model: nn.Module, layer: MoELayer, config: SieveLoraConfig, a
     parametrize.register_parametrization(owner, "weight", delta)
     owner.parametrizations.weight.original.requires_grad_(False)
     add("router", layer.router_weight_name, [delta.lora_A, delta.lora_B], layer.layer_id)
+
+
+def enable_router_aux_loss(model: nn.Module, coef: float) -> None:
+    """Make the model's forward add its own load-balancing loss, ``coef * aux_loss``, to the LM loss.
+
+    transformers computes it only with ``output_router_logits=True`` and scales it by the model attribute
+    ``router_aux_loss_coef`` (copied from the config at init), so both are set. Families without one
+    (e.g. DeepSeek-V3's bias-balanced routing) are refused rather than silently trained without it.
+    """
+    import inspect
+
+    if "output_router_logits" not in inspect.signature(model.forward).parameters or not hasattr(
+        model, "router_aux_loss_coef"
+    ):
+        raise ValueError(f"--router-aux-loss: {type(model).__name__} computes no load-balancing loss in transformers")
+    model.config.output_router_logits = coef > 0
+    model.config.router_aux_loss_coef = float(coef)
+    model.router_aux_loss_coef = float(coef)
 
 
 def _lora_params(wrapper: LoraLinear) -> list[nn.Parameter]:

@@ -30,6 +30,10 @@ class SieveLoraConfig:
     )
     experts: str = field(default="selected", metadata={"help": "Routed experts to adapt: selected, all, none."})
     seed: int | None = field(default=None, metadata={"help": "Seed for the LoRA A initialisation."})
+    router: str = field(
+        default="lora",
+        metadata={"help": "Router training when 'router' is a target: lora, freeze, or full (its own weights)."},
+    )
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -42,6 +46,8 @@ class SieveLoraConfig:
         unknown = [t for t in self.targets if t not in ALL_GROUPS]
         if unknown or not self.targets:
             raise ValueError(f"targets {list(self.targets)!r}: choose from {', '.join(ALL_GROUPS)}")
+        if self.router not in ("lora", "freeze", "full"):
+            raise ValueError(f"router must be lora, freeze or full, got {self.router!r}")
         if self.experts not in ("selected", "all", "none"):
             raise ValueError(f"experts must be selected, all or none, got {self.experts!r}")
 

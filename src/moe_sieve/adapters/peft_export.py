@@ -129,6 +129,11 @@ def _unparametrize(module: nn.Module) -> None:
 
 
 def _plan(model: nn.Module) -> _ExportPlan:
+    if (
+        getattr(getattr(model, "moe_sieve", None), "config", None) is not None
+        and model.moe_sieve.config.router == "full"
+    ):
+        raise NotImplementedError("the routers were fully fine-tuned (--router full), which is no LoRA; merge instead")
     plan = _ExportPlan()
     remapped = _remapped_leaves()
     for name, module in model.named_modules():

@@ -67,6 +67,12 @@ class TrainConfig:
     trust_remote_code: bool = _help("Run the model repository's own code.", False)
     experts_implementation: str | None = _help("transformers experts backend for the base model.", None)
     fsdp: str = _help("FSDP option string passed to transformers (e.g. 'full_shard auto_wrap'); empty: off.", "")
+    # routing while training (training/monitor.py, training/reselect.py)
+    monitor_every: int = _help("Measure routing drift on fixed training batches every N steps (0: off).", 25)
+    monitor_examples: int = _help("Training examples (seeded, fixed before training) the drift monitor routes.", 32)
+    router: str = _help("Router training: lora (paper), freeze, or full (train the router weights).", "lora")
+    router_aux_loss: float = _help("Add the model's load-balancing loss times this coefficient (0: off).", 0.0)
+    reselect: str = _help("off, or grow: add fresh adapters to experts that enter the top-k at monitor steps.", "off")
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -91,6 +97,16 @@ class TrainConfig:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.monitor_every < 0 or self.monitor_examples < 1:
+            raise ValueError(f"--monitor-every must be >= 0 and --monitor-examples >= 1, got {self.monitor_every}")
+        if self.router not in ("lora", "freeze", "full"):
+            raise ValueError(f"--router must be lora, freeze or full, got {self.router!r}")
+        if self.router_aux_loss < 0:
+            raise ValueError(f"--router-aux-loss must be >= 0, got {self.router_aux_loss}")
+        if self.reselect not in ("off", "grow"):
+            raise ValueError(f"--reselect must be off or grow, got {self.reselect!r}")
+        if self.reselect == "grow" and (self.monitor_every < 1 or self.experts_mode != "selected"):
+            raise ValueError("--reselect grow needs --monitor-every >= 1 and a selecting --strategy (topk, ...)")
         if self.max_steps < 1 and self.epochs <= 0:
             raise ValueError("give --epochs > 0 or --max-steps >= 1")
 

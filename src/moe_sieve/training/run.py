@@ -33,6 +33,8 @@ from ..profiling import Profile, profile_model
 from ..profiling.profiler import profile_examples
 from ..selection import Selection, make_selection
 from .config import TrainConfig
+from .monitor import routing_monitor
+from .sharding import check_fsdp
 
 RESULT_FILES = ("metrics.json", "adapter")
 STAGE_OUTPUTS = ("metrics.json", "adapter", "selection.json", "profile", "checkpoints", "data_report.json")
@@ -433,8 +435,10 @@ def _train_locked(
         targets=config.targets,
         experts=config.experts_mode,
         seed=config.seed,
+        router=config.router,
     )
     sieve = apply_sieve_lora(model, selection, lora)
+    monitor = routing_monitor(config, model, tokenizer, examples, sieve, run_dir, state, resume_from)
     if state.is_main_process:
         from rich.console import Console
 
@@ -451,6 +455,7 @@ def _train_locked(
             f"x {world} processes"
         )
     device = next(p for p in model.parameters()).device
+    check_fsdp(config, device)
     use_bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -480,6 +485,7 @@ def _train_locked(
         ddp_backend="gloo" if device.type == "cpu" and world > 1 else None,
         ddp_find_unused_parameters=False,
         fsdp=config.fsdp or "",
+        fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"} if config.fsdp else None,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -491,10 +497,12 @@ def _train_locked(
         train_dataset=dataset,
         data_collator=SFTCollator(tokenizer),
         processing_class=tokenizer,
-        callbacks=[ThroughputCallback(), *(callbacks or [])],
+        callbacks=[ThroughputCallback(), *(monitor.callbacks() if monitor else []), *(callbacks or [])],
         base_model_id=config.model,
         keep_checkpoints=config.save_total_limit,
     )
+    if monitor is not None:
+        monitor.bind(trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -522,13 +530,20 @@ def _train_locked(
         "resumed_from": resume_from,
         "data": report.to_json(),
     }
+    if monitor is not None:
+        metrics["routing_drift"] = monitor.summary(wall)
+        if state.is_main_process:
+            print(monitor.overhead_line(wall), file=sys.stderr)
     if state.is_main_process:
         save_sieve_adapter(
             model,
             work / "adapter",
             overwrite=True,
             base_model=config.model,
-            extra={"selection": None if selection is None else str(run_dir / "selection.json")},
+            extra={
+                "selection": None if selection is None else str(run_dir / "selection.json"),
+                **(monitor.adapter_record() if monitor else {}),
+            },
         )
         atomic_write_json(work / "metrics.json", metrics)
         if run.staged:  # the old run stays until the new one is complete
