@@ -25,8 +25,9 @@ reads, from the adapted model's factors alone (no PEFT involved):
 
 Checked in the engines' source (2026-11-24):
 
-* vLLM 0.33.0 (PyPI wheel, read from the installed package): ``vllm/lora/lora_model.py``
-  (``from_local_checkpoint`` / ``from_lora_tensors``), ``vllm/lora/utils.py`` (``parse_fine_tuned_lora_name``,
+* vLLM 0.32.0 (PyPI wheel, read from the installed package and loaded by scripts/check_vllm_export.py):
+  ``vllm/lora/lora_model.py`` (``from_local_checkpoint`` / ``from_lora_tensors``), ``vllm/lora/utils.py``
+  (``parse_fine_tuned_lora_name``,
   ``process_packed_modules_mapping``: ``experts`` -> the per-expert names of ``get_expert_mapping`` unless
   ``is_3d_moe_weight``), ``vllm/lora/lora_weights.py`` (``pack_moe``: ``assert w1/w2/w3 is not None`` per
   expert, one rank per projection), ``vllm/lora/model_manager.py`` (``_create_merged_loras_inplace``,
