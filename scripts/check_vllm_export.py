@@ -81,6 +81,17 @@ def prepare(out: Path, families: list[str], layers: int, router: bool) -> None:
             for e in range(layer.num_experts):
                 for leaf, value in ((gate, gate_d[e]), (up, up_d[e]), (down, second[e])):
                     dense[f"{block}.experts.{e}.{leaf}"] = value.contiguous()
+        fused_params = {
+            f"{layer.experts_name}.{p}" for layer in find_moe_layers(model) for p in ("gate_up_proj", "down_proj")
+        }
+        for key, value in reference.items():  # attention, shared experts, routers: by checkpoint module name
+            if key in fused_params or not key.endswith(".weight") or not value.abs().max() > 0:
+                continue
+            module = key.removesuffix(".weight")
+            for layer in find_moe_layers(model):
+                if spec.serving_moe_block and module.startswith(layer.name + "."):
+                    module = f"{layer.name.rpartition('.')[0]}.{spec.serving_moe_block}" + module[len(layer.name) :]
+            dense[module] = value.contiguous()
         save_file(dense, str(out / family / "reference.safetensors"))
         meta = {
             "family": family,
@@ -152,6 +163,7 @@ def check(out: Path) -> int:
                     parents.add(f"{parent}.{packed}")
         for full in sorted(parents):
             manager._register_packed_modules(full)  # the real manager's packed-name registration
+        manager._create_merged_loras_inplace(lora_model)  # packs qkv / gate_up / per-expert w1-w3, folds scaling
         if is_3d:
             for name in experts_modules:
                 a = lora_model.loras[name].lora_a
@@ -161,15 +173,13 @@ def check(out: Path) -> int:
                     ep_rank=0,
                 )
                 manager._stack_moe_lora_weights(lora_model, geometry, name)
-        else:
-            manager._create_merged_loras_inplace(lora_model)
 
         reference = load_file(str(family_dir / "reference.safetensors"))
         worst, compared = 0.0, 0
         for name in experts_modules:
             packed = lora_model.loras[name]
-            if is_3d:  # [gate_up, down] as (E, r, in) / (E, out, r), one scaling
-                _, scaling = helper.get_rank_and_scaling(name)
+            if is_3d:  # [gate_up, down] as (E, r, in) / (E, out, r); scaling already folded into B (optimize)
+                scaling = packed.scaling
                 gate_up = scaling * packed.lora_b[0] @ packed.lora_a[0]
                 down = scaling * packed.lora_b[1] @ packed.lora_a[1]
                 gate_d, up_d = gate_up[:, 0::2], gate_up[:, 1::2]  # GPT-OSS interleaves gate/up rows
@@ -188,14 +198,31 @@ def check(out: Path) -> int:
                     ref = reference[f"{name}.{e}.{leaf}"].to(torch.float64)
                     worst = max(worst, (dense_EOI[e].to(torch.float64) - ref).abs().max().item())
                     compared += 1
-        missing = {k.rsplit(".", 2)[0] for k in reference} - set(experts_modules)
+        renamed = {}  # the reference by vLLM's module names (e.g. GPT-OSS: self_attn -> attn), as the loader maps
+        for key, value in reference.items():
+            mapped = mapper._map_name(f"{key}.lora_A.weight") if mapper is not None else f"{key}.lora_A.weight"
+            renamed[mapped.removesuffix(".lora_A.weight")] = value
+        for name, weights in lora_model.loras.items():  # attention, shared experts, routers
+            if ".experts" in name:
+                continue
+            subs = manager.packed_modules.get(name, [name]) if weights.is_packed else [name]
+            a_list = weights.lora_a if weights.is_packed else [weights.lora_a]
+            b_list = weights.lora_b if weights.is_packed else [weights.lora_b]
+            scalings = weights.scaling if weights.is_packed else [weights.scaling]
+            for sub, a, b, scaling in zip(subs, a_list, b_list, scalings, strict=True):
+                if a is None:
+                    continue
+                ref = renamed.get(sub, torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64))
+                worst = max(worst, (scaling * b.to(torch.float64) @ a.to(torch.float64) - ref).abs().max().item())
+                compared += 1
+        missing = {k.rsplit(".", 2)[0] for k in reference if ".experts." in k} - set(experts_modules)
         ok = worst <= 1e-10 and compared == len(reference) and not missing
         failures += not ok
         status = "PASS" if ok else "FAIL"
         note = f" missing {sorted(missing)}" if missing else ""
         print(
-            f"{status} {meta['family']}: {len(experts_modules)} MoE layers, {compared}/{len(reference)} expert "
-            f"projections compared, max |vLLM - merge| = {worst:.3g}{note}"
+            f"{status} {meta['family']}: {len(experts_modules)} MoE layers, {compared}/{len(reference)} deltas "
+            f"(expert projections, attention, shared experts, routers) compared, max |vLLM - merge| = {worst:.3g}{note}"
         )
     return failures
 
