@@ -248,3 +248,22 @@ def test_peft_target_rewrite_is_caught(tmp_path, monkeypatch):
     with pytest.raises(NotImplementedError, match="rewrote"):
         export_peft_adapter(_adapted("deepseek_v3"), tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("family", FUSED_FAMILIES + ["modulelist"])
+def test_peft_round_trip_at_16_layers(family, tmp_path):
+    """PEFT shortens a target_modules list of 20+ names to suffixes that match the same modules; the export
+    must accept that (it refused every model with 5+ layers) and PEFT's forward must equal ours."""
+    from .test_export import adapted, base64
+
+    model = adapted(family, layers=16)
+    ids = _inputs()
+    expected = _logits(model, ids)
+    assert (expected - _logits(base64(family, 16), ids)).abs().max() > 1e-3
+    export_peft_adapter(model, tmp_path / "peft")
+    saved = _config(tmp_path / "peft")
+    if family != "modulelist":  # PEFT did shorten the list: the spelling changed, the modules did not
+        assert len(saved["target_modules"]) < 16 * 3
+    loaded = PeftModel.from_pretrained(base64(family, 16), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=1e-10)

@@ -529,6 +529,63 @@ def demo(
     )
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.suffix == ".safetensors")
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+@app.command("export")
+def export_command(
+    adapter: Annotated[Path, typer.Argument(help="moe-sieve adapter directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="peft (PeftModel.from_pretrained), vllm or sglang (per-expert LoRA the engine loads, "
+            "unselected experts zero-filled), merged (plain transformers checkpoint).",
+        ),
+    ] = "peft",
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model (default: the one named in the adapter).")
+    ] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Write the adapter where it will be used: PEFT, vLLM, SGLang or a merged checkpoint."""
+    from .adapters import export_peft_adapter
+    from .adapters.serving import SERVING_ENGINES, export_serving_adapter
+
+    formats = ("peft", *SERVING_ENGINES, "merged")
+    if format not in formats:
+        _fail(f"--format {format!r}: choose one of {', '.join(formats)}")
+    if format == "merged":
+        merge(adapter, out, model=model, dtype="auto", trust_remote_code=trust_remote_code, overwrite=overwrite)
+        return
+    net, spec = _load_adapted(adapter, model, trust_remote_code)
+    sieve_bytes = _dir_bytes(adapter)
+    if format == "peft":
+        export_peft_adapter(net, out, base_model=spec.model, overwrite=overwrite)
+        console.print(f"[green]PEFT adapter written[/] to {out} (PeftModel.from_pretrained(base, '{out}'))")
+    else:
+        result = export_serving_adapter(net, out, engine=format, base_model=spec.model, overwrite=overwrite)
+        console.print(
+            f"[green]{format} LoRA adapter written[/] to {out}: rank {result.rank}, {result.tensors} tensors, "
+            f"{result.zero_filled_experts} unselected experts zero-filled"
+        )
+    console.print(
+        f"size: {_size(_dir_bytes(out))} exported vs {_size(sieve_bytes)} for the sieve adapter "
+        f"({_dir_bytes(out) / max(sieve_bytes, 1):.1f}x)"
+    )
+
+
 @app.command("export-peft")
 def export_peft(
     adapter: Annotated[Path, typer.Argument(help="moe-sieve adapter directory.")],
@@ -539,12 +596,8 @@ def export_peft(
     trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
-    """Write the adapter in HF PEFT's LoRA format, for `PeftModel.from_pretrained(base, OUT)`."""
-    from .adapters import export_peft_adapter
-
-    net, spec = _load_adapted(adapter, model, trust_remote_code)
-    export_peft_adapter(net, out, base_model=spec.model, overwrite=overwrite)
-    console.print(f"[green]PEFT adapter written[/] to {out} (PeftModel.from_pretrained(base, '{out}'))")
+    """Alias of `export --format peft`."""
+    export_command(adapter, out, "peft", model, trust_remote_code, overwrite)
 
 
 @app.command("eval")

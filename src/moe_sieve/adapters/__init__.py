@@ -7,6 +7,7 @@ from .io import load_sieve_adapter, merge_sieve_lora, read_adapter_config, save_
 from .lora import LoraLinear, LoraWeightDelta
 from .peft_export import export_peft_adapter
 from .plan import plan_adapters
+from .serving import export_serving_adapter
 
 __all__ = [
     "AdapterMissingError",
@@ -17,6 +18,7 @@ __all__ = [
     "SieveState",
     "apply_sieve_lora",
     "export_peft_adapter",
+    "export_serving_adapter",
     "load_sieve_adapter",
     "merge_sieve_lora",
     "plan_adapters",

@@ -191,7 +191,8 @@ def merge_sieve_lora(model: nn.Module) -> nn.Module:
             ids = lora.expert_ids
             for param_name, delta in lora.delta_weights().items():
                 weight = getattr(layer.experts, param_name)
-                weight[ids] = (weight[ids].float() + delta.float()).to(weight.dtype)
+                acc = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64
+                weight[ids] = (weight[ids].to(acc) + delta.to(acc)).to(weight.dtype)
             del layer.experts.sieve_lora
     if state.previous_experts_implementation is not None:
         restore_experts_implementation(model, state.previous_experts_implementation)

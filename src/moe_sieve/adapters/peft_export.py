@@ -297,18 +297,37 @@ def _lora_layer(module: nn.Module, where: str) -> Any:
     return module
 
 
-def _check_config_kept(actual: Any, intended: Any) -> None:
-    """PEFT rewrites some configs in place (transformers-v5 MoE conversion); what it saves must be what we meant."""
+def _wrapped_targets(model: nn.Module) -> tuple[set[str], set[str]]:
+    """What PEFT actually adapted: LoRA-wrapped module names and ``<module>.<parameter>`` of its ParamWrappers."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
 
-    def as_set(value: Any) -> set[str]:
-        return set(value or ())
+    modules: set[str] = set()
+    parameters: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            owner = name
+            while owner.endswith(".base_layer"):  # nested wrappers of one module sit under base_layer
+                owner = owner[: -len(".base_layer")]
+            parameters.add(f"{owner}.{module.parameter_name}")
+        elif isinstance(module, LoraLayer):
+            modules.add(name)
+    return modules, parameters
 
-    for attr in ("target_modules", "target_parameters"):
-        got, want = as_set(getattr(actual, attr)), as_set(getattr(intended, attr))
+
+def _check_config_kept(actual: Any, intended: Any, wrapped: tuple[set[str], set[str]]) -> None:
+    """What PEFT adapted must be what we trained, whatever spelling of the targets it saves.
+
+    PEFT shortens a long ``target_modules`` list to suffixes that match the same modules (so the list's spelling
+    changes on any model with enough layers) and rewrites v4 expert names of MoE models into fused targets (which
+    changes the modules). Only the second is an error, so compare the wrapped modules and parameters.
+    """
+    intended_sets = (set(intended.target_modules or ()), set(intended.target_parameters or ()))
+    for what, got, want in zip(("target_modules", "target_parameters"), wrapped, intended_sets, strict=True):
         if got != want:
             added, dropped = sorted(got - want)[:5], sorted(want - got)[:5]
             raise NotImplementedError(
-                f"PEFT rewrote {attr} for this model (added {added}, dropped {dropped}); "
+                f"PEFT rewrote {what} for this model: it adapts {added} besides and drops {dropped}; "
                 "the adapter would not load as trained"
             )
     for attr in ("rank_pattern", "alpha_pattern"):
@@ -344,9 +363,9 @@ def export_peft_adapter(
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(_bare_copy(model, state), config, adapter_name=ADAPTER_NAME)
         peft_config = peft_model.peft_config[ADAPTER_NAME]
-        _check_config_kept(peft_config, intended)
-        peft_config.base_model_name_or_path = base_model
         inner = peft_model.base_model.model
+        _check_config_kept(peft_config, intended, _wrapped_targets(inner))
+        peft_config.base_model_name_or_path = base_model
         with torch.no_grad():
             for name, linear in plan.linears.items():
                 layer = _lora_layer(inner.get_submodule(name), name)

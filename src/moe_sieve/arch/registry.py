@@ -75,6 +75,14 @@ class ArchSpec:
     description: str = ""
     # Why routed-expert LoRA is refused for this family (None: supported); named in the error.
     experts_lora_unsupported: str | None = None
+    # How serving engines name this family's LoRA (moe_sieve.adapters.serving; checked in their source):
+    # the checkpoint's per-expert projection names (gate, up, down), the MoE block's name in the checkpoint
+    # when it differs from the transformers module, whether vLLM stores the experts as 3D weights
+    # (``is_3d_moe_weight``), and the engines whose router accepts LoRA (vLLM's ``GateLinear``).
+    serving_expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    serving_moe_block: str | None = None
+    serving_experts_3d: bool = False
+    serving_router_lora: tuple[str, ...] = ()
 
 
 @dataclass
@@ -194,19 +202,44 @@ GENERIC = ArchSpec(
 )
 
 for _spec in (
-    ArchSpec("olmoe", ("olmoe", "flex_olmo"), description="OLMoE: fused experts, no shared experts"),
-    ArchSpec("qwen2_moe", ("qwen2_moe",), description="Qwen1.5/Qwen2-MoE: fused experts, gated shared expert"),
-    ArchSpec("qwen3_moe", ("qwen3_moe",), description="Qwen3-MoE: fused experts, no shared experts"),
-    ArchSpec("mixtral", ("mixtral",), description="Mixtral: fused experts, no shared experts"),
+    ArchSpec(
+        "olmoe",
+        ("olmoe", "flex_olmo"),
+        serving_router_lora=("vllm",),
+        description="OLMoE: fused experts, no shared experts",
+    ),
+    ArchSpec(
+        "qwen2_moe",
+        ("qwen2_moe",),
+        serving_router_lora=("vllm",),
+        description="Qwen1.5/Qwen2-MoE: fused experts, gated shared expert",
+    ),
+    ArchSpec(
+        "qwen3_moe",
+        ("qwen3_moe",),
+        serving_router_lora=("vllm",),
+        description="Qwen3-MoE: fused experts, no shared experts",
+    ),
+    ArchSpec(
+        "mixtral",
+        ("mixtral",),
+        serving_expert_projections=("w1", "w3", "w2"),
+        serving_moe_block="block_sparse_moe",
+        serving_router_lora=("vllm",),
+        description="Mixtral: fused experts, no shared experts",
+    ),
     ArchSpec(
         "deepseek_v3",
         ("deepseek_v3", "deepseek_v2", "glm4_moe", "kimi_k2"),
+        serving_router_lora=("vllm",),
         description="DeepSeek-V3: group-limited sigmoid routing with score-correction bias, shared experts",
     ),
     ArchSpec(
         "gpt_oss",
         ("gpt_oss",),
         shared_attrs=(),
+        serving_experts_3d=True,
+        serving_router_lora=("vllm",),
         description="GPT-OSS: transposed interleaved gate/up with biases",
     ),
     ArchSpec(
