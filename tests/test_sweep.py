@@ -121,18 +121,18 @@ def test_expand_is_deterministic_and_layers_options(tmp_path):
     runs = expand(config, tmp_path / "out")
     assert [r.run_id for r in runs] == [
         "moe-sieve-default__arith__hot-25__s0",
-        "moe-sieve-default__arith__hot-25__s1",
         "moe-sieve-default__arith__full__s0",
+        "moe-sieve-default__arith__hot-25__s1",
         "moe-sieve-default__arith__full__s1",
     ]
     assert [r.run_id for r in expand(config, tmp_path / "out")] == [r.run_id for r in runs]
-    hot, full = runs[0], runs[2]
+    hot, full = runs[0], runs[1]
     assert hot.train["strategy"] == "topk" and full.train["strategy"] == "full"
-    assert hot.train["max_steps"] == 3 and hot.train["seed"] == 0 and runs[1].train["seed"] == 1
+    assert hot.train["max_steps"] == 3 and hot.train["seed"] == 0 and runs[2].train["seed"] == 1
     assert hot.train["profile"] == str(tmp_path / "out" / "profiles" / "arith")
     assert hot.train["out"] == str(tmp_path / "out" / "runs" / hot.run_id)
     assert hot.eval["data"] == hot.train["data"] and hot.eval["max_examples"] == 2
-    assert hot.fingerprint != runs[1].fingerprint  # the seed is part of the settings
+    assert hot.fingerprint != runs[2].fingerprint  # the seed is part of the settings
 
 
 def test_study_preset_is_the_papers_design():
@@ -225,8 +225,8 @@ def test_sweep_killed_after_first_run_resumes_without_redoing_it(tmp_path):
     resumed = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in resumed] == ["finished"] * 4
     assert all(r[c] is not None for r in resumed for c in ("accuracy", "trainable_params", "adapter_bytes", "k"))
-    assert [r["k"] for r in resumed] == [4, 4, 16, 16]  # 25% and all of the 16 routed experts
-    assert resumed[0]["trainable_params"] < resumed[2]["trainable_params"]
+    assert [r["k"] for r in resumed] == [4, 16, 4, 16]  # 25% and all of the 16 routed experts
+    assert resumed[0]["trainable_params"] < resumed[1]["trainable_params"]
 
     # the same four runs, uninterrupted, in this process (run_one, the worker's function): the same table
     reference = tmp_path / "reference"

@@ -278,14 +278,15 @@ def _substitute(value: Any, variables: dict[str, str]) -> Any:
 
 
 def expand(config: SweepConfig, out: str | Path) -> list[RunSpec]:
-    """Every (model, task, condition, seed) as a validated RunSpec, in a stable order (seed innermost)."""
+    """Every (model, task, condition, seed) as a validated RunSpec, in a stable order: seed before condition,
+    so a study cut short has every condition at its first seeds (paired comparisons need both)."""
     out = Path(out)
     variables = {"study": str(out), "sweep_dir": str(Path(config.source).resolve().parent)}
     runs = []
     for model in config.models:
         for task in config.tasks:
-            for cond in config.conditions:
-                for seed in config.seeds:
+            for seed in config.seeds:
+                for cond in config.conditions:
                     rid = run_id(model.name, task.name, cond.name, seed)
                     options = {**config.train, **(task.train or {}), **(cond.train or {})}
                     options = _substitute(options, variables)

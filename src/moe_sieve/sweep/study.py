@@ -52,19 +52,27 @@ def run_study(
         "finished": sum(r["status"] == "finished" for r in rows),
         "failed": sum(r["status"] == "failed" for r in rows),
     }
-    if _available("moe_sieve.runstats"):
-        from .. import runstats
+    if summary["finished"] and _available("moe_sieve.runstats"):
+        from ..runstats import compare_runs_csv
 
-        compare = getattr(runstats, "compare_runs", None)
-        if compare is not None:
-            table = compare(out / "results.csv", reference=reference)
-            atomic_write_json(out / "compare.json", table)
-            summary["compare"] = str(out / "compare.json")
+        table, skipped = compare_runs_csv(out / "results.csv", reference=reference)
+        atomic_write_json(out / "compare.json", [row.to_json() for row in table])
+        summary["compare"] = str(out / "compare.json")
+        if _available("moe_sieve.reporting") and hasattr(
+            importlib.import_module("moe_sieve.reporting"), "comparison_table"
+        ):
+            from rich.console import Console
+
+            from ..reporting import comparison_table
+
+            Console().print(comparison_table(table, "accuracy"))
+        log(f"compare-runs: {out / 'compare.json'} ({skipped} runs without accuracy left out)")
     if _available("moe_sieve.report"):
         from ..report import write_report
 
-        write_report(out, out / "report.html", out / "report.md")
+        write_report(out, out / "report.html", out / "report.md", reference=reference)
         summary["report"] = str(out / "report.html")
+        log(f"report: {out / 'report.html'} and {out / 'report.md'}")
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / "study.json", summary)
     log(f"study done in {summary['wall_time_s']:.0f} s: {summary['finished']}/{summary['runs']} runs finished")
