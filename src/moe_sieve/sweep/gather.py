@@ -35,8 +35,9 @@ COLUMNS = (
 SECONDARY = ("metric", "eval_n", "eval_correct", "run_wall_time_s")
 
 
-def _dir_bytes(path: Path) -> int | None:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else None
+def _adapter_bytes(path: Path) -> int | None:
+    """The adapter checkpoint's weights (paper Table 4); its small JSON config names paths, so it is left out."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else None
 
 
 def _k_option(spec: RunSpec) -> Any:
@@ -69,7 +70,7 @@ def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
             accuracy=ev.get("accuracy"),
             accuracy_norm=ev.get("accuracy_norm"),
             trainable_params=metrics.get("trainable_params"),
-            adapter_bytes=_dir_bytes(run_dir / "adapter"),
+            adapter_bytes=_adapter_bytes(run_dir / "adapter"),
             wall_time_s=metrics.get("wall_time_s"),
             tokens_per_s=metrics.get("tokens_per_s"),
             peak_memory_bytes=metrics.get("peak_memory_bytes"),

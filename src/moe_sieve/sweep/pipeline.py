@@ -36,7 +36,25 @@ def is_finished(run_dir: str | Path, spec: RunSpec | None = None) -> bool:
         return False
     if not isinstance(ev.get("accuracy"), int | float) or not ev.get("n"):
         return False
-    return spec is None or ev.get("fingerprint") == spec.fingerprint
+    return spec is None or ev.get("fingerprint") == spec.fingerprint or _same_settings(run_dir, spec)
+
+
+def _same_settings(run_dir: Path, spec: RunSpec) -> bool:
+    """Settings equal up to options added to ``train`` since the run was made (absent there, default here),
+    so a new TrainConfig field does not turn every finished run into a stale one."""
+    import dataclasses
+
+    from ..training import TrainConfig
+
+    stored = _read_json(run_dir / RUN_FILE)
+    if stored is None or stored.get("eval") != spec.eval or not isinstance(stored.get("train"), dict):
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults["targets"] = list(defaults.get("targets", ()))
+    old = stored["train"]
+    return all(
+        old.get(key, defaults.get(key, object())) == value for key, value in spec.train.items() if key != "out"
+    ) and set(old) <= set(spec.train)
 
 
 def train_and_evaluate(

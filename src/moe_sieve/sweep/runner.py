@@ -86,8 +86,7 @@ def check_finished_settings(runs: list[RunSpec], out: Path, overwrite: bool) -> 
     stale = []
     for spec in runs:
         run_dir = out / "runs" / spec.run_id
-        ev = _read_json(run_dir / EVAL_FILE)
-        if is_finished(run_dir) and ev is not None and ev.get("fingerprint") != spec.fingerprint:
+        if is_finished(run_dir) and not is_finished(run_dir, spec):
             stale.append(spec.run_id)
     if stale and not overwrite:
         raise ValueError(
