@@ -12,7 +12,7 @@ from .._io import atomic_write_json
 from .config import RunSpec, SweepConfig, expand
 from .executors import EXECUTORS, run_local, run_submitit
 from .gather import gather
-from .pipeline import EVAL_FILE, RUN_FILE, _read_json, is_finished
+from .pipeline import RUN_FILE, is_finished
 
 
 @dataclass
