@@ -645,6 +645,78 @@ def eval_command(
         )
 
 
+ExecutorOpt = Annotated[
+    str, typer.Option(help="local (here: --jobs at a time, one GPU each) or submitit (SLURM; --cluster local/debug).")
+]
+JobsOpt = Annotated[int, typer.Option(help="Local executor: runs at a time (one GPU each, or a share of the CPUs).")]
+ClusterOpt = Annotated[
+    str | None, typer.Option(help="submitit cluster: slurm, local or debug (default: SLURM when present).")
+]
+
+
+def _sweep_options(
+    executor: str,
+    jobs: int,
+    cluster: str | None,
+    partition: str | None,
+    timeout_min: int | None,
+    gpus_per_node: int | None,
+    overwrite: bool,
+):
+    from .sweep import SweepOptions
+
+    params = {"slurm_partition": partition, "timeout_min": timeout_min, "gpus_per_node": gpus_per_node}
+    return SweepOptions(
+        executor=executor,
+        jobs=jobs,
+        cluster=cluster,
+        submitit_parameters={k: v for k, v in params.items() if v is not None},
+        overwrite=overwrite,
+    )
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep YAML: models, tasks, conditions (train options), seeds.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Study directory (default: runs/NAME).")] = None,
+    executor: ExecutorOpt = "local",
+    jobs: JobsOpt = 1,
+    cluster: ClusterOpt = None,
+    partition: Annotated[str | None, typer.Option(help="SLURM partition (submitit).")] = None,
+    timeout_min: Annotated[int | None, typer.Option(help="Per-run time limit in minutes (submitit).")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per run (submitit).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo finished runs whose settings changed.")] = False,
+) -> None:
+    """Run models x tasks x conditions x seeds, one directory per run; finished runs are skipped, so an
+    interrupted sweep resumes; results gather into OUT/results.csv and results.json."""
+    from .sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig.from_yaml(config)
+    options = _sweep_options(executor, jobs, cluster, partition, timeout_min, gpus_per_node, overwrite)
+    rows = run_sweep(cfg, out or Path("runs") / cfg.name, options, log=console.print)
+    if any(r["status"] != "finished" for r in rows):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def study(
+    preset: Annotated[str, typer.Option(help="Study preset (mini) or a sweep YAML.")] = "mini",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Study directory.")] = Path("runs/study-mini"),
+    executor: ExecutorOpt = "local",
+    jobs: JobsOpt = 2,
+    cluster: ClusterOpt = None,
+    reference: Annotated[str, typer.Option(help="Reference condition of the comparison table.")] = "full",
+) -> None:
+    """The paper's design in miniature on the embedded model: mini tasks, routing study, hot-25% vs all
+    experts vs random-25% vs attention-only over seeds, a k sweep, then statistics and the report."""
+    from .sweep.study import run_study
+
+    options = _sweep_options(executor, jobs, cluster, None, None, None, False)
+    summary = run_study(preset, out, options, log=console.print, reference=reference)
+    if summary["failed"]:
+        raise typer.Exit(code=1)
+
+
 def _train(preset: str | None, overwrite: bool, resume: bool, **options) -> None:
     """Profile -> select -> LoRA fine-tune on transformers' Trainer; one GPU, CPU, or under
     `accelerate launch` / `torchrun` for DDP/FSDP."""

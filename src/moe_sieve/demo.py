@@ -14,12 +14,10 @@ from typing import Any
 
 from rich.console import Console
 
-DEFAULT_MODEL_ALIAS = "moe-sieve-default"
+# Re-exported for compatibility: the default-model knowledge lives with the model loading code.
+from .modeling import DEFAULT_MODEL_ALIAS, default_model_path
 
-
-def default_model_path() -> Path:
-    """The pretrained checkpoint shipped inside the package (see scripts/pretrain_default.py)."""
-    return Path(__file__).resolve().parent / "default_model"
+__all__ = ["DEFAULT_MODEL_ALIAS", "DemoConfig", "default_model_path", "run_demo"]
 
 
 @dataclass
@@ -44,7 +42,8 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | 
     from .reporting import stats_table
     from .selection import make_selection, selection_table
     from .stats import routing_stats
-    from .training import TrainConfig, train
+    from .sweep.pipeline import train_and_evaluate
+    from .training import TrainConfig
 
     console = console or Console()
     out = Path(config.out)
@@ -87,24 +86,29 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | 
 
     spec = ModelSpec(model=model_path, device="cpu")
     model, tokenizer = load_model(spec), load_tokenizer(spec)
-
-    def held_out_accuracy():
-        return evaluate(
-            model,
-            tokenizer,
-            arith,
-            split="test",
-            max_examples=config.eval_examples,
-            batch_size=25,
-            max_new_tokens=config.max_new_tokens,
-        )
+    eval_settings = {
+        "data": arith,
+        "split": "test",
+        "max_examples": config.eval_examples,
+        "batch_size": 25,
+        "max_new_tokens": config.max_new_tokens,
+    }
 
     console.rule("[bold]4. held-out accuracy before fine-tuning")
-    before = held_out_accuracy()  # the base model: adapters are attached only by train() below
+    before = evaluate(  # the base model: adapters are attached only by the training below
+        model,
+        tokenizer,
+        arith,
+        split="test",
+        max_examples=config.eval_examples,
+        batch_size=25,
+        max_new_tokens=config.max_new_tokens,
+    )
     console.print(f"base model exact match: {before.accuracy:.3f} ({before.correct}/{before.n})")
 
-    console.rule("[bold]5. LoRA fine-tune, hot-25% experts")
-    result = train(
+    console.rule("[bold]5. LoRA fine-tune, hot-25% experts, then 6. held-out accuracy after")
+    # the same train -> evaluate pipeline every sweep and study run goes through
+    result, after = train_and_evaluate(
         TrainConfig(
             model=model_path,
             data=arith,
@@ -124,12 +128,12 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | 
             seed=config.seed,
             max_length=256,
         ),
+        eval_settings,
         overwrite=True,
         model=model,
         tokenizer=tokenizer,
+        progress=True,
     )
-    console.rule("[bold]6. held-out accuracy after fine-tuning")
-    after = held_out_accuracy()
     console.print(f"fine-tuned exact match: {after.accuracy:.3f} ({after.correct}/{after.n})")
 
     from .adapters import SieveLoraConfig, plan_adapters

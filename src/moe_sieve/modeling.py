@@ -8,6 +8,14 @@ from typing import Any
 
 import torch
 
+DEFAULT_MODEL_ALIAS = "moe-sieve-default"
+
+
+def default_model_path() -> Path:
+    """The pretrained checkpoint shipped inside the package (see scripts/pretrain_default.py)."""
+    return Path(__file__).resolve().parent / "default_model"
+
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -56,7 +64,6 @@ class ModelSpec:
 
 def resolve_model_path(model: str) -> str:
     """Built-in aliases become local paths; anything else is a hub id or a directory."""
-    from .demo import DEFAULT_MODEL_ALIAS, default_model_path
     from .tiny import TINY_MODEL_ALIASES, ensure_tiny_model
 
     if model in TINY_MODEL_ALIASES:

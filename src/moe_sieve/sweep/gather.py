@@ -1,0 +1,105 @@
+"""Collect every run of a sweep into ``results.csv`` + ``results.json`` (one row per run, written atomically)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_json, atomic_write_text
+from .config import RunSpec
+from .pipeline import ERROR_FILE, EVAL_FILE, _read_json, is_finished
+
+COLUMNS = (
+    "run_id",
+    "model",
+    "task",
+    "condition",
+    "k",
+    "seed",
+    "status",
+    "error",
+    "accuracy",
+    "accuracy_norm",
+    "trainable_params",
+    "adapter_bytes",
+    "wall_time_s",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "final_loss",
+    "run_dir",
+)
+# Task-specific secondary columns after the fixed ones: the metric's name and how many examples it scored.
+SECONDARY = ("metric", "eval_n", "eval_correct", "run_wall_time_s")
+
+
+def _adapter_bytes(path: Path) -> int | None:
+    """The adapter checkpoint's weights (paper Table 4); its small JSON config names paths, so it is left out."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else None
+
+
+def _k_option(spec: RunSpec) -> Any:
+    """Before a run finishes, k is what the condition asked for."""
+    strategy = spec.train.get("strategy")
+    if strategy == "none" or "experts" not in spec.train.get("targets", []):
+        return 0
+    return "all" if strategy == "full" else spec.train.get("k")
+
+
+def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
+    run_dir = study / "runs" / spec.run_id
+    row: dict[str, Any] = dict.fromkeys((*COLUMNS, *SECONDARY))
+    row.update(
+        run_id=spec.run_id,
+        model=spec.model,
+        task=spec.task,
+        condition=spec.condition,
+        seed=spec.seed,
+        k=_k_option(spec),
+        run_dir=str(Path("runs") / spec.run_id),
+    )
+    if is_finished(run_dir, spec):
+        ev, metrics = _read_json(run_dir / EVAL_FILE) or {}, _read_json(run_dir / "metrics.json") or {}
+        k = ev.get("experts_per_layer")
+        row.update(
+            status="finished",
+            error="",
+            k=(int(k) if isinstance(k, float) and k.is_integer() else k) if k is not None else row["k"],
+            accuracy=ev.get("accuracy"),
+            accuracy_norm=ev.get("accuracy_norm"),
+            trainable_params=metrics.get("trainable_params"),
+            adapter_bytes=_adapter_bytes(run_dir / "adapter"),
+            wall_time_s=metrics.get("wall_time_s"),
+            tokens_per_s=metrics.get("tokens_per_s"),
+            peak_memory_bytes=metrics.get("peak_memory_bytes"),
+            final_loss=metrics.get("final_loss"),
+            metric=(ev.get("metadata") or {}).get("metric"),
+            eval_n=ev.get("n"),
+            eval_correct=ev.get("correct"),
+            run_wall_time_s=ev.get("run_wall_time_s"),
+        )
+    elif (error := _read_json(run_dir / ERROR_FILE)) is not None:
+        row.update(status="failed", error=str(error.get("error", "unknown error")))
+    else:
+        row.update(status="pending", error="")
+    return row
+
+
+def gather(runs: list[RunSpec], study: str | Path) -> list[dict[str, Any]]:
+    """Write ``results.csv`` and ``results.json`` under ``study`` from the run directories; return the rows."""
+    study = Path(study)
+    rows = [run_row(spec, study) for spec in runs]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *SECONDARY], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    atomic_write_text(study / "results.csv", buffer.getvalue())
+    atomic_write_json(study / "results.json", rows)
+    return rows
+
+
+def read_results(study: str | Path) -> list[dict[str, Any]]:
+    return json.loads((Path(study) / "results.json").read_text(encoding="utf-8"))

@@ -1,0 +1,194 @@
+"""One run: train -> held-out evaluation, the pipeline shared by ``demo``, ``sweep`` and ``study``.
+
+A run directory is *finished* only when ``adapter/``, ``metrics.json`` and a complete ``eval.json`` (written
+last, atomically, carrying the run's settings fingerprint) are all there; anything less is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_json
+from .config import RunSpec
+
+RUN_FILE = "run.json"  # the resolved RunSpec, written before the run starts
+EVAL_FILE = "eval.json"  # written last: its presence (complete, same fingerprint) marks a finished run
+ERROR_FILE = "error.json"  # the last failure of this run
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_finished(run_dir: str | Path, spec: RunSpec | None = None) -> bool:
+    """Adapter, metrics and a complete evaluation, produced with ``spec``'s settings (when given)."""
+    run_dir = Path(run_dir)
+    ev, metrics = _read_json(run_dir / EVAL_FILE), _read_json(run_dir / "metrics.json")
+    adapter = run_dir / "adapter"
+    if ev is None or metrics is None or not adapter.is_dir() or not any(adapter.iterdir()):
+        return False
+    if not isinstance(ev.get("accuracy"), int | float) or not ev.get("n"):
+        return False
+    return spec is None or ev.get("fingerprint") == spec.fingerprint or _same_settings(run_dir, spec)
+
+
+def _same_settings(run_dir: Path, spec: RunSpec) -> bool:
+    """Settings equal up to options added to ``train`` since the run was made (absent there, default here),
+    so a new TrainConfig field does not turn every finished run into a stale one."""
+    import dataclasses
+
+    from ..training import TrainConfig
+
+    stored = _read_json(run_dir / RUN_FILE)
+    if stored is None or stored.get("eval") != spec.eval or not isinstance(stored.get("train"), dict):
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults["targets"] = list(defaults.get("targets", ()))
+    old = stored["train"]
+    return all(
+        old.get(key, defaults.get(key, object())) == value for key, value in spec.train.items() if key != "out"
+    ) and set(old) <= set(spec.train)
+
+
+def train_and_evaluate(
+    train_config: Any,
+    eval_settings: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    model: Any = None,
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> tuple[Any, Any]:
+    """``train`` then ``evaluate`` on the trained model (already in memory, adapters attached)."""
+    from ..evaluation import evaluate
+    from ..modeling import ModelSpec, load_model, load_tokenizer
+    from ..training import train
+
+    if model is None:
+        spec = ModelSpec(
+            model=train_config.model,
+            dtype=train_config.dtype,
+            device=train_config.device,
+            trust_remote_code=train_config.trust_remote_code,
+            experts_implementation=train_config.experts_implementation,
+        )
+        model, tokenizer = load_model(spec), load_tokenizer(spec)
+    result = train(train_config, overwrite=overwrite, resume=resume, model=model, tokenizer=tokenizer)
+    from ..arch import find_moe_layers
+
+    result.metrics.setdefault("moe_layers", len(find_moe_layers(model)))
+    model.eval()
+    evaluation = evaluate(
+        model,
+        tokenizer,
+        eval_settings["data"],
+        split=eval_settings.get("split"),
+        max_examples=eval_settings.get("max_examples"),
+        spider_dir=eval_settings.get("spider_dir"),
+        batch_size=eval_settings.get("batch_size", 16),
+        max_new_tokens=eval_settings.get("max_new_tokens", 128),
+        progress=progress,
+    )
+    return result, evaluation
+
+
+def _resumable(run_dir: Path) -> bool:
+    """A checkpoint that holds the adapter factors and the trainer state (written last by Trainer)."""
+    from ..adapters.io import ADAPTER_WEIGHTS
+
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return False
+    return any(
+        (ckpt / "trainer_state.json").is_file() and (ckpt / ADAPTER_WEIGHTS).is_file()
+        for ckpt in folder.glob("checkpoint-*")
+    )
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Train and evaluate one run in its directory; returns the evaluation record written to eval.json.
+
+    A run killed earlier continues from its newest complete checkpoint (``--resume``); without one it starts
+    again (``--overwrite``: it has no finished result to lose). A finished run is returned untouched.
+    """
+    from ..training import TrainConfig
+
+    config = TrainConfig.from_dict({**spec.train, "targets": tuple(spec.train["targets"])}, source=spec.run_id)
+    run_dir = Path(config.out)
+    if is_finished(run_dir, spec):
+        return _read_json(run_dir / EVAL_FILE) or {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / RUN_FILE, spec.to_json())
+    (run_dir / EVAL_FILE).unlink(missing_ok=True)  # stale (other settings or incomplete)
+    started = time.perf_counter()
+    resume = _resumable(run_dir) and not (run_dir / "metrics.json").exists()
+    try:
+        result, evaluation = train_and_evaluate(config, spec.eval, overwrite=not resume, resume=resume)
+    except Exception:
+        if not resume:
+            raise
+        # the checkpoint did not load (e.g. cut short by a kill): nothing finished to lose, start again
+        result, evaluation = train_and_evaluate(config, spec.eval, overwrite=True)
+    record = {
+        "run_id": spec.run_id,
+        "fingerprint": spec.fingerprint,
+        "task": evaluation.task,
+        "n": evaluation.n,
+        "accuracy": evaluation.accuracy,
+        "accuracy_norm": evaluation.accuracy_norm,
+        "correct": evaluation.correct,
+        "metadata": evaluation.metadata,
+        "experts_per_layer": _experts_per_layer(run_dir, result),
+        "run_wall_time_s": round(time.perf_counter() - started, 3),
+        "predictions": evaluation.predictions,
+    }
+    atomic_write_json(run_dir / EVAL_FILE, record)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    return record
+
+
+def _experts_per_layer(run_dir: Path, result: Any) -> float | None:
+    """Mean adapted routed experts per MoE layer: the budget k of the run (0 when experts are not targeted)."""
+    adapted, layers = result.metrics.get("adapted_experts", 0), result.metrics.get("moe_layers")
+    if not adapted:
+        return 0.0
+    return round(adapted / layers, 4) if layers else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_sieve.sweep.pipeline RUN_DIR``: the worker process of one run."""
+    import sys
+    import traceback
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m moe_sieve.sweep.pipeline RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    data = _read_json(run_dir / RUN_FILE)
+    if data is None:
+        print(f"Error: {run_dir / RUN_FILE}: missing or unreadable run spec", file=sys.stderr)
+        return 2
+    spec = RunSpec.from_json(data)
+    try:
+        run_one(spec)
+    except BaseException as err:  # recorded for the results table, then re-raised for the exit status
+        atomic_write_json(
+            run_dir / ERROR_FILE,
+            {"run_id": spec.run_id, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()},
+        )
+        print(f"Error: {spec.run_id}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""``moe-sieve study --preset mini``: a shipped sweep (mini tasks, routing study, conditions x seeds, k sweep),
+then the statistics table and the report when those modules are installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_json
+from ..training.config import PRESET_DIR
+from .config import SweepConfig
+from .runner import SweepOptions, run_sweep
+
+STUDY_PRESETS = {"mini": "study-mini"}
+
+
+def preset_path(preset: str) -> Path:
+    """A study preset name (``mini``) or a path to a sweep YAML."""
+    if preset in STUDY_PRESETS:
+        return PRESET_DIR / f"{STUDY_PRESETS[preset]}.yaml"
+    path = Path(preset)
+    if not path.exists():
+        raise FileNotFoundError(f"--preset {preset!r}: no such study preset ({', '.join(STUDY_PRESETS)}) or file")
+    return path
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def run_study(
+    preset: str,
+    out: str | Path,
+    options: SweepOptions | None = None,
+    log: Callable[[str], None] = print,
+    reference: str = "full",
+) -> dict[str, Any]:
+    """Run the sweep of ``preset`` into ``out``, then compare-runs (if available) and the report (if available)."""
+    started = time.perf_counter()
+    out = Path(out)
+    config = SweepConfig.from_yaml(preset_path(preset))
+    rows = run_sweep(config, out, options, log)
+    summary: dict[str, Any] = {
+        "preset": preset,
+        "runs": len(rows),
+        "finished": sum(r["status"] == "finished" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+    }
+    if summary["finished"] and _available("moe_sieve.runstats"):
+        from ..runstats import compare_runs_csv
+
+        table, skipped = compare_runs_csv(out / "results.csv", reference=reference)
+        atomic_write_json(out / "compare.json", [row.to_json() for row in table])
+        summary["compare"] = str(out / "compare.json")
+        if _available("moe_sieve.reporting") and hasattr(
+            importlib.import_module("moe_sieve.reporting"), "comparison_table"
+        ):
+            from rich.console import Console
+
+            from ..reporting import comparison_table
+
+            Console().print(comparison_table(table, "accuracy"))
+        log(f"compare-runs: {out / 'compare.json'} ({skipped} runs without accuracy left out)")
+    if _available("moe_sieve.report"):
+        from ..report import write_report
+
+        write_report(out, out / "report.html", out / "report.md", reference=reference)
+        summary["report"] = str(out / "report.html")
+        log(f"report: {out / 'report.html'} and {out / 'report.md'}")
+    summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(out / "study.json", summary)
+    log(f"study done in {summary['wall_time_s']:.0f} s: {summary['finished']}/{summary['runs']} runs finished")
+    return summary

@@ -1,0 +1,273 @@
+"""Sweeps on the embedded model: validation, resume after a kill, failures recorded, submitit, executors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_sieve.modeling import default_model_path
+from moe_sieve.sweep import COLUMNS, SweepConfig, SweepOptions, expand, is_finished, run_one, run_sweep
+from moe_sieve.sweep import executors as executors_mod
+from moe_sieve.sweep.gather import gather
+
+pytestmark = pytest.mark.skipif(
+    not (default_model_path() / "model.safetensors").exists(), reason="embedded model not built"
+)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+SMALL = {
+    "arith_train": 24,
+    "arith_validation": 2,
+    "arith_test": 4,
+    "spider_train": 4,
+    "spider_validation": 2,
+    "spider_test": 2,
+    "hellaswag_train": 4,
+    "hellaswag_validation": 2,
+    "hellaswag_test": 2,
+    "corpus_train_docs": 4,
+    "corpus_validation_docs": 1,
+}
+# Timing and memory differ between two executions of the same run; everything else must not.
+VOLATILE = {"wall_time_s", "tokens_per_s", "peak_memory_bytes", "run_wall_time_s"}
+
+
+def _sweep_dict(conditions=None, seeds=(0, 1)) -> dict:
+    return {
+        "name": "test",
+        "models": ["moe-sieve-default"],
+        "tasks": [{"name": "arith", "data": "gsm8k:{study}/minitasks/arith", "eval": {"split": "test"}}],
+        "minitasks": {"sizes": SMALL},
+        "profiles": {"model": "moe-sieve-default", "data": {"arith": "gsm8k:{study}/minitasks/arith"}},
+        "train": {
+            "max_steps": 3,
+            "batch_size": 2,
+            "micro_batch_size": 2,
+            "r": 2,
+            "alpha": 4,
+            "max_length": 96,
+            "device": "cpu",
+            "save_steps": 1,
+            "logging_steps": 1,
+            "learning_rate": 1e-2,
+            "profile": "{study}/profiles/arith",
+        },
+        "eval": {"max_examples": 2, "max_new_tokens": 4, "batch_size": 2},
+        "conditions": conditions
+        or [
+            {"name": "hot-25", "train": {"strategy": "topk", "k": "25%"}},
+            {"name": "full", "train": {"strategy": "full"}},
+        ],
+        "seeds": list(seeds),
+    }
+
+
+def _write(tmp_path: Path, data: dict, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _statuses(out: Path) -> list[str]:
+    try:
+        return [r["status"] for r in json.loads((out / "results.json").read_text())]
+    except (OSError, ValueError):
+        return []
+
+
+def _stable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in rows]
+
+
+# --- configuration --------------------------------------------------------------------------------------------
+
+
+def test_unknown_keys_name_the_file_and_key(tmp_path):
+    data = _sweep_dict()
+    data["condtions"] = []
+    path = _write(tmp_path, data)
+    with pytest.raises(ValueError, match=r"sweep\.yaml: unknown key 'condtions'"):
+        SweepConfig.from_yaml(path)
+    data = _sweep_dict(conditions=[{"name": "x", "train": {"strategy": "topk", "kk": 3}}])
+    with pytest.raises(ValueError, match=r"sweep\.yaml: conditions\[0\]\.train: unknown train option 'kk'"):
+        SweepConfig.from_yaml(_write(tmp_path, data))
+    data = _sweep_dict(conditions=[{"name": "x", "train": {"seed": 3}}])
+    with pytest.raises(ValueError, match="'seed' is set by the sweep"):
+        SweepConfig.from_yaml(_write(tmp_path, data))
+    data = _sweep_dict(conditions=[{"name": "x", "train": {"strategy": "bogus"}}])
+    with pytest.raises(ValueError, match=r"condition 'x'.*--strategy 'bogus'"):
+        expand(SweepConfig.from_yaml(_write(tmp_path, data)), tmp_path / "out")
+    data = _sweep_dict(conditions=[{"name": "a/b", "train": {}}])
+    with pytest.raises(ValueError, match="name 'a/b'"):
+        SweepConfig.from_yaml(_write(tmp_path, data))
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        SweepConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_expand_is_deterministic_and_layers_options(tmp_path):
+    config = SweepConfig.from_dict(_sweep_dict(), source=str(tmp_path / "s.yaml"))
+    runs = expand(config, tmp_path / "out")
+    assert [r.run_id for r in runs] == [
+        "moe-sieve-default__arith__hot-25__s0",
+        "moe-sieve-default__arith__full__s0",
+        "moe-sieve-default__arith__hot-25__s1",
+        "moe-sieve-default__arith__full__s1",
+    ]
+    assert [r.run_id for r in expand(config, tmp_path / "out")] == [r.run_id for r in runs]
+    hot, full = runs[0], runs[1]
+    assert hot.train["strategy"] == "topk" and full.train["strategy"] == "full"
+    assert hot.train["max_steps"] == 3 and hot.train["seed"] == 0 and runs[2].train["seed"] == 1
+    assert hot.train["profile"] == str(tmp_path / "out" / "profiles" / "arith")
+    assert hot.train["out"] == str(tmp_path / "out" / "runs" / hot.run_id)
+    assert hot.eval["data"] == hot.train["data"] and hot.eval["max_examples"] == 2
+    assert hot.fingerprint != runs[2].fingerprint  # the seed is part of the settings
+
+
+def test_study_preset_is_the_papers_design():
+    from moe_sieve.sweep.study import preset_path
+
+    config = SweepConfig.from_yaml(preset_path("mini"))
+    runs = expand(config, "/tmp/study")
+    by_condition = {r.condition: r for r in runs}
+    assert len(config.seeds) >= 4
+    strategies = {name: (r.train["strategy"], tuple(r.train["targets"])) for name, r in by_condition.items()}
+    assert strategies["full"][0] == "full" and strategies["hot-25"] == ("topk", strategies["full"][1])
+    assert strategies["random-25"][0] == "random" and strategies["attention-only"][1] == ("attention",)
+    ks = {r.train["k"] for r in runs if r.train["strategy"] == "topk"}
+    assert len(ks) >= 3  # a k sweep
+    assert set(config.profiles.data) >= {"arith", "sql", "endings"}
+
+
+# --- finished means finished ----------------------------------------------------------------------------------
+
+
+def test_partial_run_is_never_finished(tmp_path):
+    config = SweepConfig.from_dict(_sweep_dict(seeds=(0,)), source=str(tmp_path / "s.yaml"))
+    spec = expand(config, tmp_path)[0]
+    run_dir = tmp_path / "runs" / spec.run_id
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter.safetensors").write_bytes(b"x")
+    (run_dir / "metrics.json").write_text("{}")
+    assert not is_finished(run_dir, spec)  # no evaluation yet
+    (run_dir / "eval.json").write_text('{"accuracy": 0.5, "n": 2, "fingerpr')  # cut short
+    assert not is_finished(run_dir, spec)
+    (run_dir / "eval.json").write_text(json.dumps({"accuracy": 0.5, "n": 2, "fingerprint": "other"}))
+    assert is_finished(run_dir) and not is_finished(run_dir, spec)  # made with other settings
+    rows = gather([spec], tmp_path)
+    assert rows[0]["status"] == "pending"
+    assert list(json.loads((tmp_path / "results.json").read_text())[0])[: len(COLUMNS)] == list(COLUMNS)
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[: len(COLUMNS)] == list(COLUMNS)
+
+
+def test_local_executor_gives_each_run_one_gpu_or_a_cpu_share(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(executors_mod, "run_worker", lambda run_dir, env: seen.append((run_dir, env)) or 0)
+    monkeypatch.setattr(executors_mod, "_gpu_count", lambda: 2)
+    executors_mod.run_local([f"r{i}" for i in range(6)], jobs=2)
+    assert {env["CUDA_VISIBLE_DEVICES"] for _, env in seen} == {"0", "1"} and len(seen) == 6
+    with pytest.raises(ValueError, match="--jobs 3: only 2 GPUs"):
+        executors_mod.run_local(["r"], jobs=3)
+    seen.clear()
+    monkeypatch.setattr(executors_mod, "_gpu_count", lambda: 0)
+    executors_mod.run_local(["a", "b"], jobs=2)
+    assert all("CUDA_VISIBLE_DEVICES" not in env and int(env["OMP_NUM_THREADS"]) >= 1 for _, env in seen)
+
+
+# --- end to end on the embedded model ---------------------------------------------------------------------------
+
+
+def test_sweep_killed_after_first_run_resumes_without_redoing_it(tmp_path):
+    """2 conditions x 2 seeds: kill the sweep once its first run is finished, run it again: the finished run is
+    untouched, the rest complete, and the table equals the one of the same runs done without interruption."""
+    sweep_yaml = _write(tmp_path, _sweep_dict())
+    out = tmp_path / "study"
+    config = SweepConfig.from_yaml(sweep_yaml)
+    runs = expand(config, out)
+    first = out / "runs" / runs[0].run_id
+    cmd = [sys.executable, "-m", "moe_sieve.cli", "sweep", str(sweep_yaml), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not (is_finished(first, runs[0]) and _statuses(out)[:1] == ["finished"]):
+            assert proc.poll() is None, "the sweep ended before its first run finished"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    marks = {p: p.stat().st_mtime_ns for p in (first / "eval.json", first / "adapter" / "adapter.safetensors")}
+    rows = json.loads((out / "results.json").read_text())
+    assert rows[0]["status"] == "finished" and sum(r["status"] == "finished" for r in rows) < 4
+    time.sleep(1.0)  # the second run's worker dies with the sweep (PR_SET_PDEATHSIG): nothing writes any more
+    second_files = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    time.sleep(1.0)
+    assert second_files == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 already finished, 3 to run" in result.stdout.replace("\n", " ")
+    assert marks == {p: p.stat().st_mtime_ns for p in marks}  # not redone
+    resumed = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in resumed] == ["finished"] * 4
+    assert all(r[c] is not None for r in resumed for c in ("accuracy", "trainable_params", "adapter_bytes", "k"))
+    assert [r["k"] for r in resumed] == [4, 16, 4, 16]  # 25% and all of the 16 routed experts
+    assert resumed[0]["trainable_params"] < resumed[1]["trainable_params"]
+
+    # the same four runs, uninterrupted, in this process (run_one, the worker's function): the same table
+    reference = tmp_path / "reference"
+    (reference / "minitasks").parent.mkdir(parents=True)
+    os.symlink(out / "minitasks", reference / "minitasks")
+    os.symlink(out / "profiles", reference / "profiles")
+    ref_runs = expand(config, reference)
+    for spec in ref_runs:
+        run_one(spec)
+    expected = gather(ref_runs, reference)
+    assert _stable(resumed) == _stable(expected)
+    # running the finished sweep once more does nothing
+    again = run_sweep(config, out)
+    assert _stable(again) == _stable(resumed) and marks == {p: p.stat().st_mtime_ns for p in marks}
+
+
+def test_failing_run_is_recorded_and_the_rest_go_on(tmp_path):
+    conditions = [
+        {"name": "broken", "train": {"strategy": "topk", "selection": "{study}/no-such-selection.json"}},
+        {"name": "hot-25", "train": {"strategy": "topk"}},
+    ]
+    sweep_yaml = _write(tmp_path, _sweep_dict(conditions, seeds=(0,)))
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "moe_sieve.cli", "sweep", str(sweep_yaml), "--out", str(out)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 1  # not every run finished
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["failed", "finished"]
+    assert "no-such-selection.json" in rows[0]["error"] and rows[0]["accuracy"] is None
+    assert "broken__s0: FAILED" in result.stdout.replace("\n", "")
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and ",failed," in csv_rows[1]
+
+
+def test_submitit_local_executor_runs_a_small_sweep(tmp_path):
+    pytest.importorskip("submitit")
+    config = SweepConfig.from_dict(
+        _sweep_dict([{"name": "hot-25", "train": {"strategy": "topk"}}], seeds=(0, 1)), source=str(tmp_path / "s.yaml")
+    )
+    out = tmp_path / "study"
+    rows = run_sweep(config, out, SweepOptions(executor="submitit", cluster="local", submitit_parameters={}))
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    assert list((out / "submitit").glob("*_log.out"))  # the jobs went through submitit
+    assert all(r["eval_n"] == 2 for r in rows)
