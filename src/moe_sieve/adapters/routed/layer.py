@@ -100,8 +100,8 @@ class AdapterBank(nn.Module):
 def route_top_k(
     logits_TN: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax over the N adapters (fp32), top-K, optional renormalisation: ``(probs_TN, weights_TK, index_TK)``."""
-    probs_TN = torch.softmax(logits_TN.float(), dim=-1)
+    """Softmax over the N adapters (at least fp32), top-K, optional renormalisation: ``(probs, weights, index)``."""
+    probs_TN = torch.softmax(logits_TN, dim=-1, dtype=torch.promote_types(logits_TN.dtype, torch.float32))
     weights_TK, index_TK = torch.topk(probs_TN, top_k, dim=-1)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)

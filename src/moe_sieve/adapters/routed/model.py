@@ -263,6 +263,7 @@ def apply_routed_adapters(
 
                     state.handles.append(_tap_base_routing(layer, spec, sink))
                 state.handles.append(layer.block.register_forward_hook(_block_hook(state, adapter), with_kwargs=True))
+            adapter.train(model.training)  # new modules start in training mode; follow the model's
             for p in adapter.parameters():
                 p.requires_grad_(True)
             state.adapters[layer.layer_id] = adapter
