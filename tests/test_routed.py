@@ -302,3 +302,61 @@ def test_short_training_lowers_the_loss_on_the_embedded_model(variant):
     assert losses[-1] < losses[0] - 0.3, losses
     if variant == "R":
         assert state.last_aux_loss is not None and state.router_load()["assignments_LN"]
+
+
+def _run_cli(monkeypatch, capsys, *args):
+    import sys
+
+    from moe_sieve.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["moe-sieve", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path):
+    """plan --json from config alone; train --method routed logs R's aux loss and writes its router load;
+    eval --adapter reloads the adapter; merge refuses with one Error line."""
+    from moe_sieve.demo import default_model_path
+
+    code, out, err = _run_cli(
+        monkeypatch, capsys, "plan", "--method", "routed", "--variant", "R", "--num-adapters", 4, "--top-k", 2,
+        "--r", 4, "--json",
+    )
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["trainable_params"] == plan["formula_params"] == 4 * (4 * 2 * 128 * 4 + 128 * 4)
+    assert 0 < plan["trainable_pct_of_total"] < plan["trainable_pct_of_activated"]
+
+    rows = [{"question": f"What is {a} + 1?", "answer": f"{a} + 1 = {a + 1}.\n#### {a + 1}"} for a in range(16)]
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    code, out, err = _run_cli(
+        monkeypatch, capsys, "train", "--data", f"gsm8k:{data}", "--out", run, "--method", "routed",
+        "--variant", "R", "--num-adapters", 4, "--top-k-adapters", 2, "--r", 4, "--alpha", 8, "--max-steps", 4,
+        "--batch-size", 8, "--micro-batch-size", 8, "--logging-steps", 2, "--learning-rate", "3e-3",
+        "--device", "cpu",
+    )
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "routed" and metrics["trainable_params"] == plan["trainable_params"]
+    routed = metrics["routed"]
+    assert [a["step"] for a in routed["aux_loss"]] == [2, 4] and all(a["aux_loss"] > 0 for a in routed["aux_loss"])
+    load = routed["adapter_router_load"]
+    assert len(load["share_LN"]) == 4 and all(abs(sum(row) - 1) < 1e-9 for row in load["share_LN"])
+    assert not (run / "selection.json").exists()  # R needs no routing profile
+
+    code, out, err = _run_cli(
+        monkeypatch, capsys, "eval", "--model", default_model_path(), "--adapter", run / "adapter", "--data",
+        f"gsm8k:{data}", "--max-examples", 2, "--max-new-tokens", 4, "--device", "cpu", "--out", tmp_path / "e.json",
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
+    code, out, err = _run_cli(monkeypatch, capsys, "merge", run / "adapter", "--out", tmp_path / "merged")
+    assert code == 2 and "Error:" in err and "cannot be folded" in err
