@@ -69,7 +69,12 @@ def attach(condition: str, model, hot: dict[int, list[int]], r: int, alpha: floa
 
         variant, _, hot_only = condition.removeprefix("routed-").partition("-")
         cfg = RoutedAdapterConfig(
-            variant=variant, r=r, alpha=alpha, dropout=0.0, num_adapters=4, top_k=2,
+            variant=variant,
+            r=r,
+            alpha=alpha,
+            dropout=0.0,
+            num_adapters=4,
+            top_k=2,
             experts="selected" if hot_only else "all",
         )
         apply_routed_adapters(model, hot if hot_only else None, cfg)

@@ -66,22 +66,47 @@ def main() -> None:
             options = dict(CONDITIONS[name])
             result = train(
                 TrainConfig(
-                    model=model_path, data=arith, out=str(out / f"{name.split(' (')[0].replace(' ', '_')}"
-                    f"{'_hot' if 'hot' in name and 'routed' in name else ''}_s{seed}"),
-                    max_steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.batch_size, learning_rate=3e-3, r=16,
-                    alpha=32.0, dropout=0.0, warmup=0.05, logging_steps=25, save_steps=args.steps, device="cpu",
-                    seed=seed, max_length=256, profile_subsample=0.1, **options,
+                    model=model_path,
+                    data=arith,
+                    out=str(
+                        out / f"{name.split(' (')[0].replace(' ', '_')}"
+                        f"{'_hot' if 'hot' in name and 'routed' in name else ''}_s{seed}"
+                    ),
+                    max_steps=args.steps,
+                    batch_size=args.batch_size,
+                    micro_batch_size=args.batch_size,
+                    learning_rate=3e-3,
+                    r=16,
+                    alpha=32.0,
+                    dropout=0.0,
+                    warmup=0.05,
+                    logging_steps=25,
+                    save_steps=args.steps,
+                    device="cpu",
+                    seed=seed,
+                    max_length=256,
+                    profile_subsample=0.1,
+                    **options,
                 ),
-                overwrite=True, model=model, tokenizer=tokenizer,
+                overwrite=True,
+                model=model,
+                tokenizer=tokenizer,
             )
             model.eval()
-            score = evaluate(model, tokenizer, arith, split="test", max_examples=args.eval_examples,
-                             batch_size=25, max_new_tokens=40)
-            results.append({
-                "condition": name, "seed": seed, "exact_match": score.accuracy, "n": score.n,
-                "trainable_params": result.metrics["trainable_params"], "final_loss": result.metrics["final_loss"],
-                "wall_s": round(time.perf_counter() - start, 1),
-            })
+            score = evaluate(
+                model, tokenizer, arith, split="test", max_examples=args.eval_examples, batch_size=25, max_new_tokens=40
+            )
+            results.append(
+                {
+                    "condition": name,
+                    "seed": seed,
+                    "exact_match": score.accuracy,
+                    "n": score.n,
+                    "trainable_params": result.metrics["trainable_params"],
+                    "final_loss": result.metrics["final_loss"],
+                    "wall_s": round(time.perf_counter() - start, 1),
+                }
+            )
             results_path.write_text(json.dumps(results, indent=2) + "\n")
             print(json.dumps(results[-1]), flush=True)
     print("| condition | trainable params | exact match (per seed) | mean |\n| --- | --- | --- | --- |")
@@ -89,8 +114,10 @@ def main() -> None:
         rows = [r for r in results if r["condition"] == name]
         if rows:
             ems = [r["exact_match"] for r in sorted(rows, key=lambda r: r["seed"])]
-            print(f"| {name} | {rows[0]['trainable_params']:,} | {', '.join(f'{e:.2f}' for e in ems)} | "
-                  f"{statistics.mean(ems):.3f} |")
+            print(
+                f"| {name} | {rows[0]['trainable_params']:,} | {', '.join(f'{e:.2f}' for e in ems)} | "
+                f"{statistics.mean(ems):.3f} |"
+            )
 
 
 if __name__ == "__main__":

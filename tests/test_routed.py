@@ -97,7 +97,13 @@ def test_variant_matches_float64_reference(family, variant, adapter_type):
     if variant == "E" and family in ("olmoe", "modulelist"):  # a hot-set selection, the project's combination
         experts = {layer.layer_id: [1, 3, 6] for layer in find_moe_layers(model)}
     cfg = RoutedAdapterConfig(
-        variant=variant, adapter_type=adapter_type, r=3, alpha=5.0, dropout=0.0, num_adapters=5, top_k=2,
+        variant=variant,
+        adapter_type=adapter_type,
+        r=3,
+        alpha=5.0,
+        dropout=0.0,
+        num_adapters=5,
+        top_k=2,
         experts="selected" if experts else "all",
     )
     state = apply_routed_adapters(model, experts, cfg)
@@ -169,7 +175,8 @@ def test_base_router_quirk_scales_by_the_base_weights():
         ref = torch.stack(
             [
                 sum(
-                    base_w[t, k] * _adapter_ref("lora", adapter.bank.first[j], adapter.bank.second[j], adapter.bank.scaling, x_TD[t])
+                    base_w[t, k]
+                    * _adapter_ref("lora", adapter.bank.first[j], adapter.bank.second[j], adapter.bank.scaling, x_TD[t])
                     for k, j in enumerate(top[t].tolist())
                 )
                 for t in range(x_TD.shape[0])
@@ -203,8 +210,14 @@ def test_parameter_counts_match_the_formulas(adapter_type):
     from transformers import AutoModelForCausalLM, OlmoeConfig
 
     config = OlmoeConfig(
-        vocab_size=64, hidden_size=48, intermediate_size=8, num_hidden_layers=16, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=8,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=64,
+        num_experts_per_tok=8,
     )
     D, r, N, L = 48, 4, 8, 16
     expected = {"S": 2 * D * r, "D": N * 2 * D * r, "R": N * 2 * D * r + D * N, "E": 64 * 2 * D * r}
@@ -225,8 +238,14 @@ def test_plan_from_config_alone(tmp_path):
     from transformers import OlmoeConfig
 
     config = OlmoeConfig(
-        vocab_size=64, hidden_size=48, intermediate_size=8, num_hidden_layers=16, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=8,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=64,
+        num_experts_per_tok=8,
     )
     config.save_pretrained(tmp_path)
     result = plan_routed(tmp_path / "config.json", RoutedAdapterConfig(variant="R", r=4, num_adapters=8, top_k=2))
@@ -244,11 +263,12 @@ def test_plan_from_config_alone(tmp_path):
 def test_save_load_round_trip_is_exact_and_merge_is_refused(family, variant, tmp_path):
     model = build_tiny(family)
     experts = {layer.layer_id: [0, 5] for layer in find_moe_layers(model)} if variant == "E" else None
-    cfg = RoutedAdapterConfig(variant=variant, adapter_type="lora", r=3, num_adapters=3, top_k=2,
-                              experts="selected" if experts else "all")
+    cfg = RoutedAdapterConfig(
+        variant=variant, adapter_type="lora", r=3, num_adapters=3, top_k=2, experts="selected" if experts else "all"
+    )
     apply_routed_adapters(model, experts, cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.2)
     ids = torch.randint(0, 250, (2, 8))
@@ -325,8 +345,20 @@ def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path
     from moe_sieve.demo import default_model_path
 
     code, out, err = _run_cli(
-        monkeypatch, capsys, "plan", "--method", "routed", "--variant", "R", "--num-adapters", 4, "--top-k", 2,
-        "--r", 4, "--json",
+        monkeypatch,
+        capsys,
+        "plan",
+        "--method",
+        "routed",
+        "--variant",
+        "R",
+        "--num-adapters",
+        4,
+        "--top-k",
+        2,
+        "--r",
+        4,
+        "--json",
     )
     assert code == 0, err
     plan = json.loads(out)
@@ -338,10 +370,37 @@ def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
     code, out, err = _run_cli(
-        monkeypatch, capsys, "train", "--data", f"gsm8k:{data}", "--out", run, "--method", "routed",
-        "--variant", "R", "--num-adapters", 4, "--top-k-adapters", 2, "--r", 4, "--alpha", 8, "--max-steps", 4,
-        "--batch-size", 8, "--micro-batch-size", 8, "--logging-steps", 2, "--learning-rate", "3e-3",
-        "--device", "cpu",
+        monkeypatch,
+        capsys,
+        "train",
+        "--data",
+        f"gsm8k:{data}",
+        "--out",
+        run,
+        "--method",
+        "routed",
+        "--variant",
+        "R",
+        "--num-adapters",
+        4,
+        "--top-k-adapters",
+        2,
+        "--r",
+        4,
+        "--alpha",
+        8,
+        "--max-steps",
+        4,
+        "--batch-size",
+        8,
+        "--micro-batch-size",
+        8,
+        "--logging-steps",
+        2,
+        "--learning-rate",
+        "3e-3",
+        "--device",
+        "cpu",
     )
     assert code == 0, err
     metrics = json.loads((run / "metrics.json").read_text())
@@ -353,8 +412,23 @@ def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path
     assert not (run / "selection.json").exists()  # R needs no routing profile
 
     code, out, err = _run_cli(
-        monkeypatch, capsys, "eval", "--model", default_model_path(), "--adapter", run / "adapter", "--data",
-        f"gsm8k:{data}", "--max-examples", 2, "--max-new-tokens", 4, "--device", "cpu", "--out", tmp_path / "e.json",
+        monkeypatch,
+        capsys,
+        "eval",
+        "--model",
+        default_model_path(),
+        "--adapter",
+        run / "adapter",
+        "--data",
+        f"gsm8k:{data}",
+        "--max-examples",
+        2,
+        "--max-new-tokens",
+        4,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "e.json",
     )
     assert code == 0, err
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2

@@ -96,7 +96,9 @@ def is_correct(task: str, prediction: str | float, gold: Any) -> bool:
 def accuracy(task: str, generations: list[str], golds: list[Any]) -> float:
     if len(generations) != len(golds) or not golds:
         raise ValueError(f"{task}: {len(generations)} generations for {len(golds)} gold answers")
-    return sum(is_correct(task, extract_answer(task, g), a) for g, a in zip(generations, golds, strict=True)) / len(golds)
+    return sum(is_correct(task, extract_answer(task, g), a) for g, a in zip(generations, golds, strict=True)) / len(
+        golds
+    )
 
 
 def _register() -> None:

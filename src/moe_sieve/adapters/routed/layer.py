@@ -158,7 +158,9 @@ class RoutedBlockAdapter(nn.Module):
         if self.router is None:
             return self.bank.dense_sum(x_TD)
         num_tokens, num_adapters, top_k = x_TD.shape[0], self.bank.num_adapters, self.top_k
-        probs_TN, weights_TK, index_TK = route_top_k(self.router(x_TD.to(self.router.weight.dtype)), top_k, self.renormalize)
+        probs_TN, weights_TK, index_TK = route_top_k(
+            self.router(x_TD.to(self.router.weight.dtype)), top_k, self.renormalize
+        )
         self.last_terms = load_balancing_terms(probs_TN, index_TK, mask_T)
         if self.base_router_weights:
             if self.base_weights_TK is None or self.base_weights_TK.shape[-1] < top_k:

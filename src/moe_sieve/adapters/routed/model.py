@@ -96,7 +96,9 @@ class RoutedState:
         from rich.table import Table
 
         cfg = self.config
-        table = Table(title=f"Routed-PEFT {cfg.variant} ({cfg.adapter_type}, r={cfg.r}, N={cfg.num_adapters}, K={cfg.top_k})")
+        table = Table(
+            title=f"Routed-PEFT {cfg.variant} ({cfg.adapter_type}, r={cfg.r}, N={cfg.num_adapters}, K={cfg.top_k})"
+        )
         for column in ("layer", "module", "adapted experts", "params"):
             table.add_column(column, justify="right")
         for m in self.modules:
@@ -245,8 +247,11 @@ def apply_routed_adapters(
             else:
                 renorm = {"yes": True, "no": False}.get(config.renormalize)
                 if renorm is None:
-                    renorm = config.variant == "R" and config.top_k < config.num_adapters and not ref.is_meta and (
-                        _renormalizes(layer, spec, hidden_size)
+                    renorm = (
+                        config.variant == "R"
+                        and config.top_k < config.num_adapters
+                        and not ref.is_meta
+                        and (_renormalizes(layer, spec, hidden_size))
                     )
                 adapter = RoutedBlockAdapter(hidden_size, config, renormalize=bool(renorm), **kw)
                 layer.block.routed_adapter = adapter
@@ -300,7 +305,9 @@ def load_routed_adapter(model: nn.Module, path: str | os.PathLike, saved: dict[s
 
     config = RoutedAdapterConfig.from_json(saved["lora"])
     experts = {int(layer): ids for layer, ids in saved.get("experts", {}).items()} or None
-    state = apply_routed_adapters(model, experts, dataclasses.replace(config, experts="selected") if experts else config)
+    state = apply_routed_adapters(
+        model, experts, dataclasses.replace(config, experts="selected") if experts else config
+    )
     state.config = config
     load_factors(model, Path(path) / ADAPTER_WEIGHTS)
     return state
