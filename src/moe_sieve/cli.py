@@ -404,8 +404,13 @@ def plan(
         from .adapters.routed import RoutedAdapterConfig, plan_routed
 
         routed = RoutedAdapterConfig(
-            variant=variant, adapter_type=adapter_type, r=r, alpha=alpha, num_adapters=num_adapters,
-            top_k=top_k_adapters, experts=experts,
+            variant=variant,
+            adapter_type=adapter_type,
+            r=r,
+            alpha=alpha,
+            num_adapters=num_adapters,
+            top_k=top_k_adapters,
+            experts=experts,
         )
         result = plan_routed(model, routed, k=k, trust_remote_code=trust_remote_code)
         if as_json:
