@@ -109,14 +109,16 @@ def main() -> None:
             )
             results_path.write_text(json.dumps(results, indent=2) + "\n")
             print(json.dumps(results[-1]), flush=True)
-    print("| condition | trainable params | exact match (per seed) | mean |\n| --- | --- | --- | --- |")
+    print("| condition | trainable params | exact match (per seed) | mean EM | mean final train loss |")
+    print("| --- | --- | --- | --- | --- |")
     for name in args.conditions:
-        rows = [r for r in results if r["condition"] == name]
+        rows = sorted((r for r in results if r["condition"] == name), key=lambda r: r["seed"])
         if rows:
-            ems = [r["exact_match"] for r in sorted(rows, key=lambda r: r["seed"])]
+            ems = [r["exact_match"] for r in rows]
+            loss = statistics.mean(r["final_loss"] for r in rows)
             print(
                 f"| {name} | {rows[0]['trainable_params']:,} | {', '.join(f'{e:.2f}' for e in ems)} | "
-                f"{statistics.mean(ems):.3f} |"
+                f"{statistics.mean(ems):.3f} | {loss:.3f} |"
             )
 
 
