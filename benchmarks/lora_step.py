@@ -8,6 +8,7 @@ Conditions, all with r=32, alpha=64 and the same random bf16/fp32 base weights:
   sieve-hot   + LoRA on the 25% most-routed experts per layer (profiled on the benchmark batch)
   sieve-all   + LoRA on every expert, same code path
   peft-all    HF PEFT LoRA on attention + all experts (target_parameters on gate_up_proj/down_proj)
+  routed-S/D/R/E, routed-E-hot   Routed-PEFT adapters only (lora type, N=4, K=2; E inside the grouped experts)
 Each step is forward + backward + AdamW. Conditions run one after the other in this process and the
 script prints median step times, peak memory (CUDA) and ratios measured side by side.
 """
@@ -63,6 +64,20 @@ def attach(condition: str, model, hot: dict[int, list[int]], r: int, alpha: floa
             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
         )
         model = get_peft_model(model, config)
+    elif condition.startswith("routed-"):
+        from moe_sieve.adapters.routed import RoutedAdapterConfig, apply_routed_adapters
+
+        variant, _, hot_only = condition.removeprefix("routed-").partition("-")
+        cfg = RoutedAdapterConfig(
+            variant=variant,
+            r=r,
+            alpha=alpha,
+            dropout=0.0,
+            num_adapters=4,
+            top_k=2,
+            experts="selected" if hot_only else "all",
+        )
+        apply_routed_adapters(model, hot if hot_only else None, cfg)
     else:
         raise ValueError(condition)
     return model
@@ -113,7 +128,10 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--k", default="25%")
-    parser.add_argument("--conditions", default="floor,sieve-hot,sieve-all,peft-all")
+    parser.add_argument(
+        "--conditions",
+        default="floor,sieve-hot,sieve-all,peft-all,routed-S,routed-D,routed-R,routed-E,routed-E-hot",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     big = args.preset == "olmoe-1b-7b"
@@ -136,13 +154,13 @@ def main() -> None:
     by_name = {r["condition"]: r for r in results}
     floor = by_name.get("floor")
     peft = by_name.get("peft-all")
-    print(f"{'condition':<10} {'trainable':>12} {'step ms':>10} {'peak GiB':>9} {'vs floor':>9} {'vs peft':>8}")
+    print(f"{'condition':<12} {'trainable':>12} {'step ms':>10} {'peak GiB':>9} {'vs floor':>9} {'vs peft':>8}")
     for r in results:
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
         vs_floor = f"{r['step_s'] / floor['step_s']:.3f}x" if floor else "-"
         vs_peft = f"{peft['step_s'] / r['step_s']:.2f}x" if peft else "-"
         step_ms = r["step_s"] * 1e3
-        print(f"{r['condition']:<10} {r['trainable']:>12,} {step_ms:>10.1f} {peak:>9} {vs_floor:>9} {vs_peft:>8}")
+        print(f"{r['condition']:<12} {r['trainable']:>12,} {step_ms:>10.1f} {peak:>9} {vs_floor:>9} {vs_peft:>8}")
     if peft and "sieve-hot" in by_name and peft["peak_bytes"]:
         print(f"sieve-hot peak memory / peft-all: {by_name['sieve-hot']['peak_bytes'] / peft['peak_bytes']:.2f}")
     print("targets: sieve-hot <= 1.10x floor; peft-all / sieve-hot >= 1.3x; peak <= 0.75 of peft-all")

@@ -411,11 +411,41 @@ def plan(
     alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 64.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the repository's own config code.")] = False,
+    method: Annotated[str, typer.Option(help="sieve, or routed (Routed-PEFT adapters).")] = "sieve",
+    variant: Annotated[str, typer.Option(help="routed: S, D, R or E.")] = "E",
+    adapter_type: Annotated[str, typer.Option(help="routed: lora or parallel.")] = "lora",
+    num_adapters: Annotated[int, typer.Option(help="routed: N adapters per layer (D, R).")] = 4,
+    top_k_adapters: Annotated[int, typer.Option("--top-k-adapters", "--top-k", help="routed: K of N (R).")] = 2,
+    experts: Annotated[str, typer.Option(help="routed E: all experts, or the hot --k selected.")] = "all",
 ) -> None:
     """Trainable parameters, checkpoint size and optimizer memory of full LoRA vs the hot-k budget,
     computed on the meta device (no weights are loaded, no profile is needed)."""
     from .adapters import SieveLoraConfig, plan_adapters
 
+    if method == "routed":
+        from .adapters.routed import RoutedAdapterConfig, plan_routed
+
+        routed = RoutedAdapterConfig(
+            variant=variant,
+            adapter_type=adapter_type,
+            r=r,
+            alpha=alpha,
+            num_adapters=num_adapters,
+            top_k=top_k_adapters,
+            experts=experts,
+        )
+        result = plan_routed(model, routed, k=k, trust_remote_code=trust_remote_code)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            console.print(
+                f"Routed-PEFT {variant}: {result['trainable_params']:,} trainable params = "
+                f"{result['trainable_pct_of_total']:.3f}% of {result['base_params']:,} total, "
+                f"{result['trainable_pct_of_activated']:.3f}% of {result['activated_params']:,} activated"
+            )
+        return
+    if method != "sieve":
+        _fail(f"--method must be sieve or routed, got {method!r}")
     result = plan_adapters(model, k=k, lora=SieveLoraConfig(r=r, alpha=alpha), trust_remote_code=trust_remote_code)
     if as_json:
         print(json.dumps(result, indent=2))

@@ -28,3 +28,7 @@ __all__ = [
     "trainable_parameters",
     "verify_adapters",
 ]
+
+from . import routed  # noqa: E402  (Routed-PEFT adapter family)
+
+__all__ += ["routed"]

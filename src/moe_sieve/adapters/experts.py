@@ -349,6 +349,9 @@ def sieve_lora_experts_forward(
         out_S.index_add_(0, sel_rows_R, lora.down_update(h_S[sel_rows_R], offsets_n).to(out_S.dtype))
     if getattr(self, "has_post_expert_norm", False):
         out_S = self.post_expert_norm(out_S)
+    routed = getattr(self, "routed_adapter", None)  # Routed-PEFT variant E: adapter_e(x) beside expert e
+    if routed is not None:
+        out_S = routed.expert_update(out_S, x_S, expert_ids_S, tokens_per_expert_E, sentinel_S1)
 
     weighted_S = out_S * weights_S.unsqueeze(-1)
     inv_perm_S = torch.empty_like(perm_S)

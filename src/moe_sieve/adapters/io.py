@@ -153,6 +153,10 @@ def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> SieveState:
             f"({config['base_model']['config_fingerprint']} vs {fingerprint})",
             stacklevel=2,
         )
+    if config["lora"].get("method") == "routed":
+        from .routed.model import load_routed_adapter
+
+        return load_routed_adapter(model, path, config)
     lora_config = SieveLoraConfig.from_json(config["lora"])
     experts = {int(layer): ids for layer, ids in config["experts"].items()}
     state = apply_sieve_lora(model, experts, lora_config)
@@ -167,6 +171,10 @@ def merge_sieve_lora(model: nn.Module) -> nn.Module:
     ``AutoModelForCausalLM.from_pretrained`` without moe-sieve.
     """
     state = _state(model)
+    if not isinstance(state, SieveState):
+        from .routed.model import NOT_MERGEABLE
+
+        raise ValueError(NOT_MERGEABLE)
     bad = [name for name, p in trainable_parameters(model).items() if not torch.isfinite(p).all()]
     if bad:
         raise ValueError(

@@ -410,3 +410,4 @@ def load_examples(
 
 
 from . import hub_tasks as _hub_tasks  # noqa: E402, F401  (registers the other calibration datasets of §3)
+from . import llm_adapters as _llm_adapters  # noqa: E402,F401  (registers the LLM-Adapters tasks)

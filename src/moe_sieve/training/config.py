@@ -45,6 +45,13 @@ class TrainConfig:
     alpha: float = _help("LoRA alpha.", 64.0)
     dropout: float = _help("LoRA dropout.", 0.05)
     targets: tuple[str, ...] = _help("Module groups to adapt.", ("attention", "router", "shared", "experts"))
+    # Routed-PEFT (--method routed): adapters only; --r/--alpha/--dropout size them, --strategy picks E's experts
+    method: str = _help("sieve (LoRA on the selected experts) or routed (Routed-PEFT adapters, nothing else).", "sieve")
+    variant: str = _help("routed: S, D, R or E (E: experts from --strategy; full = all experts).", "E")
+    adapter_type: str = _help("routed: lora or parallel adapters.", "lora")
+    num_adapters: int = _help("routed: N adapters per MoE layer for D and R.", 4)
+    top_k_adapters: int = _help("routed: K adapters per token for R.", 2)
+    aux_loss_coef: float = _help("routed: weight of R's load-balancing loss.", 0.01)
     # optimisation
     learning_rate: float = _help("Peak AdamW learning rate.", 2e-4)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
@@ -109,9 +116,31 @@ class TrainConfig:
             raise ValueError("--reselect grow needs --monitor-every >= 1 and a selecting --strategy (topk, ...)")
         if self.max_steps < 1 and self.epochs <= 0:
             raise ValueError("give --epochs > 0 or --max-steps >= 1")
+        if self.method not in ("sieve", "routed"):
+            raise ValueError(f"--method must be sieve or routed, got {self.method!r}")
+        if self.method == "routed":
+            self.routed_config()  # validates --variant, --adapter-type, --num-adapters, --top-k-adapters
+
+    def routed_config(self):
+        from ..adapters.routed import RoutedAdapterConfig
+
+        return RoutedAdapterConfig(
+            variant=self.variant,
+            adapter_type=self.adapter_type,
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            num_adapters=self.num_adapters,
+            top_k=self.top_k_adapters,
+            aux_loss_coef=self.aux_loss_coef,
+            experts="all" if self.strategy == "full" else "selected",
+            seed=self.seed,
+        )
 
     @property
     def experts_mode(self) -> str:
+        if self.method == "routed" and str(self.variant).upper() != "E":
+            return "none"  # S/D/R need no selection
         return {"full": "all", "none": "none"}.get(self.strategy, "selected")
 
     def to_json(self) -> dict[str, Any]:

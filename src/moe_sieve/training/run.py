@@ -333,6 +333,10 @@ def _selection_for(
     return selection
 
 
+def _routed_metrics(state: Any) -> dict[str, Any]:
+    return {"config": state.config.to_json(), "aux_loss": state.aux_log, "adapter_router_load": state.router_load()}
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -437,8 +441,15 @@ def _train_locked(
         seed=config.seed,
         router=config.router,
     )
-    sieve = apply_sieve_lora(model, selection, lora)
-    monitor = routing_monitor(config, model, tokenizer, examples, sieve, run_dir, state, resume_from)
+    monitor = None
+    if config.method == "routed":
+        from ..adapters.routed import RoutedLogCallback, apply_routed_adapters
+
+        sieve = apply_routed_adapters(model, selection, config.routed_config())
+        callbacks = [RoutedLogCallback(sieve), *(callbacks or [])]
+    else:
+        sieve = apply_sieve_lora(model, selection, lora)
+        monitor = routing_monitor(config, model, tokenizer, examples, sieve, run_dir, state, resume_from)
     if state.is_main_process:
         from rich.console import Console
 
@@ -515,6 +526,8 @@ def _train_locked(
         "trainable_params": sieve.trainable_params,
         "trainable_params_by_group": sieve.params_by_group(),
         "adapted_experts": sum(len(v) for v in sieve.experts.values()) if "experts" in lora.targets else 0,
+        "method": config.method,
+        **({"routed": _routed_metrics(sieve)} if config.method == "routed" else {}),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "wall_time_s": round(wall, 3),
