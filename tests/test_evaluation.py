@@ -89,25 +89,64 @@ def stub_generate(monkeypatch, outputs: dict[str, str]) -> list[list[str]]:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("text", "flexible", "strict"),
     [
-        ("3 + 2 = 5\n#### 5", "5"),
-        ("so 1,000 + 234 = 1,234\n#### 1,234", "1234"),
-        ("#### $1,234,567.", "1234567"),
-        ("She lost money.\n#### -7", "-7"),
-        ("#### 5.0", "5"),
-        ("#### 2.50", "2.5"),
-        ("#### 12 apples, not 13", "12"),
-        ("First 3 then 4 so the answer is 17.", "17"),
-        ("It costs -3.", "-3"),
-        ("The total is 1,200 dollars", "1200"),
-        ("####\nbut then 8", "8"),
-        ("no digits here", None),
-        ("", None),
+        ("3 + 2 = 5\n#### 5", "5", "5"),
+        ("so 1,000 + 234 = 1,234\n#### 1,234", "1234", "1234"),
+        ("#### $1,234,567.", "1234567", None),
+        ("She lost money.\n#### -7", "-7", "-7"),
+        ("#### 5.", "5", "5"),
+        ("#### 5.0", "5.0", "5.0"),  # the harness compares strings: 5.0 is not 5
+        ("#### 12 apples, not 13", "13", "12"),
+        ("First 3 then 4 so the answer is 17.", "17", None),
+        ("It costs -3.", "-3", None),
+        ("The total is 1,200 dollars", "1200", None),
+        ("####\nbut then 8", "8", None),
+        # Wrong answers that must stay wrong (issue 9): none of these may become 5 or 2.
+        ("#### .5", ".5", ".5"),
+        ("#### -.5", "-.5", "-.5"),
+        ("#### -$5", "-5", None),
+        ("#### 1.5.2", "1.5.2", "1.5.2"),
+        ("#### \uff15", None, None),  # FULLWIDTH DIGIT FIVE
+        ("#### \u0665", None, None),  # ARABIC-INDIC DIGIT FIVE
+        ("no digits here", None, None),
+        ("", None, None),
     ],
 )
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+def test_extract_answer(text, flexible, strict):
+    assert extract_answer(text) == flexible
+    assert extract_answer(text, "strict-match") == strict
+
+
+def test_extract_answer_agrees_with_lm_eval_filters():
+    """The harness's own RegexFilter objects and exact_match metric, built from its gsm8k.yaml, decide the same."""
+    pytest.importorskip("lm_eval")
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    import lm_eval.tasks
+
+    task_yaml = Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml"
+    spec = yaml.safe_load(task_yaml.read_text().replace("!function", ""))
+    metric = spec["metric_list"][0]
+    answers = ["x\n#### 5", "y\n#### 2", "z\n#### 1,234", "w\n#### -5", "v\n#### 18"]
+    responses = ["#### .5", "#### -.5", "#### -$5", "#### 1.5.2", "#### \uff15", "is $18.", "#### 12 then 13", "#### 5",
+                 "#### 1,234.", "#### 2", "5.0", "####\n-5", ""]  # fmt: skip
+    for flt in spec["filter_list"]:
+        regex = flt["filter"][0]
+        harness = RegexFilter(regex["regex_pattern"], regex.get("group_select", 0))
+        mode = flt["name"]
+        for response in responses:
+            (picked,) = list(harness.apply([[response]], [{}]))[0]
+            for answer in answers:
+                expected = exact_match_hf_evaluate(
+                    [picked], [answer], regexes_to_ignore=metric["regexes_to_ignore"], ignore_case=True
+                )["exact_match"]
+                from moe_sieve.evaluation.gsm8k import gold_answer
+
+                ours = extract_answer(response, mode)
+                assert (ours is not None and ours == gold_answer(answer)) == bool(expected), (mode, response, answer)
 
 
 def test_gsm8k_exact_match_with_stubbed_generation(monkeypatch, tiny_model, tokenizer):
