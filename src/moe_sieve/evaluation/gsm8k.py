@@ -24,7 +24,7 @@ FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 IGNORE = tuple(re.compile(p) for p in (",", "\\$", "(?s).*#### ", "\\.$"))
 FILTERS = ("strict-match", "flexible-extract")
 # The harness's prompt ends generation at "Question:" (the model inventing the next problem).
-STOPS = ("Question:",)
+STOPS = ("Question:", "</s>", "<|im_end|>")
 
 
 def _clean(text: str) -> str:
