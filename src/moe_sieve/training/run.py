@@ -23,6 +23,7 @@ from ..profiling import Profile, profile_model
 from ..profiling.profiler import profile_examples
 from ..selection import Selection, make_selection
 from .config import TrainConfig
+from .tracking import check_report_to, install_tracking
 
 RESULT_FILES = ("metrics.json", "adapter")
 STAGE_OUTPUTS = ("metrics.json", "adapter", "selection.json", "profile", "checkpoints", "data_report.json")
@@ -196,6 +197,7 @@ def train(
     from ..data.sft import SFTCollator, build_sft_dataset, load_sft_examples
     from .trainer import SieveTrainer, ThroughputCallback
 
+    check_report_to(config.report_to)
     state = _dist()
     run_dir = prepare_run_dir(config, overwrite, resume)
     checkpoints = run_dir / "checkpoints"
@@ -293,6 +295,7 @@ def train(
         callbacks=[ThroughputCallback(), *(callbacks or [])],
         base_model_id=config.model,
     )
+    install_tracking(trainer, report_to=config.report_to, run_dir=run_dir, selection=selection, profile=config.profile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
