@@ -257,3 +257,15 @@ def compare(
     return report
 
 
+def merged_for_harness(adapter: str | Path, out: str | Path, *, model: str | None = None) -> Path:
+    """``moe-sieve merge ADAPTER --out OUT``: the merged transformers checkpoint (+ tokenizer) the harness loads
+    with ``--model hf --model_args pretrained=OUT``."""
+    from typer.testing import CliRunner
+
+    from ..cli import app
+
+    args = ["merge", str(adapter), "--out", str(out)] + (["--model", model] if model else [])
+    result = CliRunner().invoke(app, args)
+    if result.exit_code != 0:
+        raise RuntimeError(f"moe-sieve merge failed: {result.output}{result.exception!r}")
+    return Path(out)
