@@ -31,6 +31,7 @@ from moe_sieve.evaluation import (
     load_task_rows,
     results_match,
 )
+from moe_sieve.evaluation.gsm8k import gold_answer
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\n#### 5"},
@@ -123,11 +124,10 @@ def test_extract_answer(text, flexible, strict):
 def test_extract_answer_agrees_with_lm_eval_filters():
     """The harness's own RegexFilter objects and exact_match metric, built from its gsm8k.yaml, decide the same."""
     pytest.importorskip("lm_eval")
+    import lm_eval.tasks
     import yaml
     from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.filters.extraction import RegexFilter
-
-    import lm_eval.tasks
 
     task_yaml = Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml"
     spec = yaml.safe_load(task_yaml.read_text().replace("!function", ""))
@@ -145,8 +145,6 @@ def test_extract_answer_agrees_with_lm_eval_filters():
                 expected = exact_match_hf_evaluate(
                     [picked], [answer], regexes_to_ignore=metric["regexes_to_ignore"], ignore_case=True
                 )["exact_match"]
-                from moe_sieve.evaluation.gsm8k import gold_answer
-
                 ours = extract_answer(response, mode)
                 assert (ours is not None and ours == gold_answer(answer)) == bool(expected), (mode, response, answer)
 
@@ -361,9 +359,10 @@ def test_official_test_suite_rules(spider_dir):
     assert execution_match(db, "SELECT '30'", "SELECT 30") == (False, None)
     # Row order matters only when the gold query contains 'order by' (the official substring test).
     assert execution_match(db, "SELECT name FROM people ORDER BY name DESC", "SELECT name FROM people") == (True, None)
-    assert execution_match(db, "SELECT name FROM people ORDER BY name DESC", "SELECT name FROM people ORDER BY name")[
-        0
-    ] is False
+    assert (
+        execution_match(db, "SELECT name FROM people ORDER BY name DESC", "SELECT name FROM people ORDER BY name")[0]
+        is False
+    )
     # A DISTINCT inside an aggregate goes too, in both queries (official remove_distinct).
     assert execution_match(db, "SELECT count(age) FROM people", "SELECT count(DISTINCT age) FROM people")[0]
     assert not execution_match(
@@ -397,9 +396,7 @@ def test_sandbox_bounds_time_memory_and_size(spider_dir):
         with SqlSandbox(memory_bytes=1 << 30, sqlite_limits=limits) as sandbox:
             for name, sql in queries.items():
                 start = time.monotonic()
-                correct, error = execution_match(
-                    db, sql, "SELECT count(*) FROM people", timeout_s=1.0, sandbox=sandbox
-                )
+                correct, error = execution_match(db, sql, "SELECT count(*) FROM people", timeout_s=1.0, sandbox=sandbox)
                 took = time.monotonic() - start
                 assert not correct and error, (limits, name)
                 assert took < 2.5, (limits, name, took, error)  # 1 s limit + 0.5 s grace + a worker restart

@@ -40,7 +40,9 @@ def test_tensorboard_event_files_hold_the_scalars(deep_model_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"copy {a}:", "completion": f" {a}{a}{a}"}) + "\n" for a in range(32)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"copy {a}:", "completion": f" {a}{a}{a}"}) + "\n" for a in range(32))
+    )
     out = tmp_path / "run"
     config = TrainConfig(
         model=str(deep_model_dir), data=str(data), out=str(out), batch_size=8, micro_batch_size=8, max_steps=4,

@@ -1,7 +1,7 @@
 """Child process that runs model-written SQL for the Spider evaluator (``spider.SqlSandbox``).
 
-Run as a script by path (``python -I _sql_worker.py MEMORY_BYTES SQLITE_LIMITS``), so it imports nothing but the standard
-library. It caps its own address space (RLIMIT_AS), then answers one JSON request per stdin line with one JSON
+Run as a script by path (``python -I _sql_worker.py MEMORY_BYTES SQLITE_LIMITS``), so it imports nothing but the
+standard library. It caps its own address space (RLIMIT_AS), then answers one JSON request per stdin line with one JSON
 line: ``{"rows": [...]}`` or ``{"error": "Type: message"}``. The parent kills it when a query outruns the wall-clock
 limit; the progress handler below ends most runaway statements earlier without losing the process.
 """

@@ -10,7 +10,6 @@ checkpoint (``moe-sieve merge``) or a PEFT adapter (``moe-sieve export-peft``, `
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -153,7 +152,9 @@ def harness_scores(results: Mapping[str, Any], names: Mapping[str, str]) -> dict
                 "strict_match": metrics["exact_match,strict-match"],
                 "correct": [bool(s["exact_match"]) for s in flexible],
                 "responses": [s["resps"][0][0] for s in flexible],
-                "extracted": [(f["filtered_resps"][0], s["filtered_resps"][0]) for f, s in zip(flexible, strict)],
+                "extracted": [
+                    (f["filtered_resps"][0], s["filtered_resps"][0]) for f, s in zip(flexible, strict, strict=True)
+                ],
             }
         else:
             out[ours] = {
@@ -244,7 +245,10 @@ def compare(
         }
         if task == "gsm8k":  # the extracted strings themselves, so that agreement does not hinge on the golds
             mine = [(p["prediction"] or "[invalid]", p["prediction_strict"] or "[invalid]") for p in ours.predictions]
-            report[task]["extracted"] = {"ours": mine, "harness": [(_clean(a), _clean(b)) for a, b in theirs[task]["extracted"]]}
+            report[task]["extracted"] = {
+                "ours": mine,
+                "harness": [(_clean(a), _clean(b)) for a, b in theirs[task]["extracted"]],
+            }
             report[task]["completions"] = {
                 "ours": [p["completion"] for p in ours.predictions],
                 "harness": theirs[task]["responses"],
@@ -252,7 +256,9 @@ def compare(
         else:
             theirs_lp = theirs[task]["logprobs"]
             report[task]["max_logprob_diff"] = max(
-                abs(a - b) for p, t in zip(ours.predictions, theirs_lp, strict=True) for a, b in zip(p["logprobs"], t)
+                abs(a - b)
+                for p, t in zip(ours.predictions, theirs_lp, strict=True)
+                for a, b in zip(p["logprobs"], t, strict=True)
             )
     return report
 

@@ -15,9 +15,9 @@ makes the prediction wrong. A gold query that fails is reported (the official ev
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
-import atexit
 import os
 import re
 import select
