@@ -640,6 +640,9 @@ def eval_command(
     spider_dir: Annotated[str | None, typer.Option(help="Spider directory (tables.json, database/).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget for GSM8K and Spider.")] = 128,
+    keep_distinct: Annotated[
+        bool, typer.Option(help="Spider: keep DISTINCT when comparing (the official default removes it).")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
@@ -666,6 +669,7 @@ def eval_command(
         spider_dir=spider_dir,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        keep_distinct=keep_distinct,
     )
     norm = "" if result.accuracy_norm is None else f", normalised {result.accuracy_norm:.4f}"
     console.print(f"{result.task}: accuracy [bold]{result.accuracy:.4f}[/]{norm} on {result.n} examples")

@@ -80,12 +80,35 @@ def format_gsm8k(row: Mapping[str, Any]) -> tuple[str, str]:
     return f"Question: {row['question']}\nAnswer:", " " + str(row["answer"])
 
 
+def preprocess_hellaswag(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag clean-up (``tasks/hellaswag/utils.py``): strip, `` [title]`` -> ``. ``,
+    drop the other WikiHow markup (``[header]``, ``[step]``, ...), then one pass of double space -> single."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_query(row: Mapping[str, Any]) -> str:
+    """The context as the harness builds it: ``preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())``.
+
+    Rows without ``ctx_a``/``ctx_b`` fall back to ``ctx``; rows without an activity label (not in the hub data)
+    get no ``": "`` prefix.
+    """
+    if row.get("ctx_a") is not None and row.get("ctx_b") is not None:
+        ctx = f"{row['ctx_a']} {str(row['ctx_b']).capitalize()}"
+    elif row.get("ctx") is not None:
+        ctx = str(row["ctx"])
+    else:
+        raise ValueError("missing field 'ctx' (or both 'ctx_a' and 'ctx_b')")
+    activity = row.get("activity_label")
+    return preprocess_hellaswag(f"{activity}: {ctx}" if activity else ctx)
+
+
 def format_hellaswag(row: Mapping[str, Any]) -> tuple[str, str]:
-    ctx = row.get("ctx")
-    if ctx is None:
-        if row.get("ctx_a") is None or row.get("ctx_b") is None:
-            raise ValueError("missing field 'ctx' (or both 'ctx_a' and 'ctx_b')")
-        ctx = f"{row['ctx_a']} {str(row['ctx_b']).capitalize()}".rstrip()
+    """Prompt and gold ending exactly as lm-evaluation-harness scores them (query, `` `` + preprocessed ending), so
+    fine-tuning teaches the text that evaluation reads."""
+    query = hellaswag_query(row)
     endings = row["endings"]
     if not isinstance(endings, (list, tuple)) or not endings:
         raise ValueError(f"'endings' must be a non-empty list, got {endings!r}")
@@ -101,9 +124,7 @@ def format_hellaswag(row: Mapping[str, Any]) -> tuple[str, str]:
         raise ValueError(f"'label' must be an integer, got {label!r}")
     if not 0 <= label < len(endings):
         raise ValueError(f"'label' {label} is outside 0..{len(endings) - 1} ({len(endings)} endings)")
-    activity = row.get("activity_label")
-    prompt = f"{activity}: {ctx}" if activity else str(ctx)
-    return prompt, " " + str(endings[int(label)])
+    return query, " " + preprocess_hellaswag(str(endings[int(label)]))
 
 
 def _spider_needs_dir(row: Mapping[str, Any]) -> tuple[str, str]:

@@ -5,12 +5,23 @@ from .common import EvalResult
 from .evaluate import EVAL_SPLITS, evaluate, load_task_rows
 from .gsm8k import evaluate_gsm8k, extract_answer
 from .hellaswag import evaluate_hellaswag
-from .spider import QueryTimeout, cut_sql, evaluate_spider, execute_sql, execution_match, results_match
+from .spider import (
+    QueryError,
+    QueryTimeout,
+    SqlSandbox,
+    cut_sql,
+    evaluate_spider,
+    execute_sql,
+    execution_match,
+    results_match,
+)
 
 __all__ = [
     "EVAL_SPLITS",
     "EvalResult",
+    "QueryError",
     "QueryTimeout",
+    "SqlSandbox",
     "cut_sql",
     "evaluate",
     "evaluate_gsm8k",

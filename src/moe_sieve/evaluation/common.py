@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data.calibration import make_batches, pad_token_id_for, tokenize_example
+from ..data.calibration import TokenizedExample, make_batches, pad_token_id_for, tokenize_example
 from ..data.tasks import Example
 from ..modeling import input_device
 
@@ -176,20 +176,33 @@ def generate_completions(
     return texts
 
 
+def encode_pair(tokenizer: Any, context: str, continuation: str, source: str) -> TokenizedExample:
+    """Context and continuation as lm-evaluation-harness's ``_encode_pair`` cuts them: trailing spaces of the
+    context move to the continuation, the context is encoded alone (with the tokenizer's special tokens, as
+    ``--model_args add_bos_token=True``) and the continuation is what encoding both together adds after it, so
+    a merge across the boundary is scored as the harness scores it."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = [int(i) for i in tokenizer(context)["input_ids"]]
+    whole_ids = [int(i) for i in tokenizer(context + continuation)["input_ids"]]
+    continuation_ids = whole_ids[len(context_ids) :]
+    if not continuation_ids:
+        raise ValueError(f"{source}: the continuation tokenizes to no tokens")
+    return TokenizedExample(
+        context_ids + continuation_ids, [False] * len(context_ids) + [True] * len(continuation_ids), source
+    )
+
+
 def _score_continuations(
     model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int, progress: bool = True
 ) -> list[float]:
     """Sum of log-probabilities of each continuation's tokens given its context, one float per pair.
 
-    Context and continuation are tokenised apart (``tokenize_example``) so the boundary is exact, and batches
-    are right-padded with only the continuation tokens counted (``make_batches(count_tokens="completion")``).
+    Pairs are tokenised as the harness does (``encode_pair``) and batches are right-padded with only the
+    continuation tokens counted (``make_batches(count_tokens="completion")``).
     """
-    tokenized = [
-        tokenize_example(Example(ctx, cont, f"pair {i}"), tokenizer, None) for i, (ctx, cont) in enumerate(pairs)
-    ]
-    for item in tokenized:
-        if not any(item.is_completion):
-            raise ValueError(f"{item.source}: the continuation tokenizes to no tokens")
+    tokenized = [encode_pair(tokenizer, ctx, cont, f"pair {i}") for i, (ctx, cont) in enumerate(pairs)]
     batches = make_batches(
         tokenized, batch_size=batch_size, pad_token_id=pad_token_id_for(tokenizer), count_tokens="completion"
     )

@@ -84,6 +84,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 128,
     timeout_s: float = 5.0,
+    keep_distinct: bool = False,
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on ``data`` (``gsm8k``, ``hellaswag``, ``spider`` or ``TASK:PATH``) with its metric."""
@@ -110,6 +111,7 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             timeout_s=timeout_s,
+            keep_distinct=keep_distinct,
             progress=progress,
         )
     result.metadata.update({"data": data, "split": _eval_split(name, path, split), "max_examples": max_examples})

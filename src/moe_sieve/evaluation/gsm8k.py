@@ -1,4 +1,12 @@
-"""GSM8K: exact match of the final number of a greedy answer against the gold ``#### N`` (paper §5.1)."""
+"""GSM8K: exact match of a greedy answer against the gold ``#### N`` (paper §5.1), as lm-evaluation-harness 0.4's
+``gsm8k`` task scores it.
+
+The harness's two filters are kept verbatim: ``strict-match`` takes the first ``#### (\\-?[0-9\\.\\,]+)``,
+``flexible-extract`` the last match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)``; a response without a match is
+``[invalid]``. Prediction and reference then lose ``,``, ``$``, everything up to ``#### `` and one trailing
+``.`` and are compared as lower-case strings. So ``.5``, ``-.5``, ``-$5`` (-> ``-5``), ``1.5.2`` and non-ASCII
+digits never equal ``5`` or ``2``, and ``5.0`` is not ``5`` (the harness's rule, kept).
+"""
 
 from __future__ import annotations
 
@@ -10,31 +18,40 @@ from ..data.tasks import format_gsm8k
 from . import common
 from .common import EvalResult, cut_at, source_of
 
-# A number as written in GSM8K answers: optional sign, thousands commas, optional decimals ("-1,234.50").
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-# The prompt starts with "Question:", so a second one in the output is the model inventing the next problem.
-STOPS = ("Question:",)
+# lm_eval/tasks/gsm8k/gsm8k.yaml (0.4.x): filter_list and exact_match's regexes_to_ignore, in their order.
+STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+IGNORE = tuple(re.compile(p) for p in (",", "\\$", "(?s).*#### ", "\\.$"))
+FILTERS = ("strict-match", "flexible-extract")
+# The harness's prompt ends generation at "Question:" (the model inventing the next problem).
+STOPS = ("Question:", "</s>", "<|im_end|>")
 
 
-def _normalise(number: str) -> str:
-    number = number.replace(",", "")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return "0" if number in ("-0", "") else number
+def _clean(text: str) -> str:
+    """exact_match's normalisation: each ignored pattern removed in turn, then lower case."""
+    for pattern in IGNORE:
+        text = pattern.sub("", text)
+    return text.lower()
 
 
-def extract_answer(text: str) -> str | None:
-    """The number after ``####`` (the GSM8K answer convention), else the last number in ``text``; None if none.
+def extract_answer(text: str, mode: str = "flexible-extract") -> str | None:
+    """The answer the harness's ``mode`` filter takes from ``text``, normalised as its exact_match compares it;
+    None where the filter finds nothing (the harness's ``[invalid]``)."""
+    if mode == "strict-match":
+        found = STRICT_MATCH.findall(text)
+        match = found[0] if found else None
+    elif mode == "flexible-extract":
+        found = FLEXIBLE_EXTRACT.findall(text)
+        match = next((group for group in found[-1] if group), None) if found else None
+    else:
+        raise ValueError(f"GSM8K filter must be one of {', '.join(FILTERS)}, got {mode!r}")
+    return None if match is None else _clean(match.strip())
 
-    Normalised so that formatting is not scored: ``1,000`` -> ``1000``, ``5.0`` -> ``5``, ``2.50`` -> ``2.5``.
-    """
-    marker = text.find("####")
-    if marker != -1:
-        found = _NUMBER.search(text, marker + 4)
-        if found is not None:
-            return _normalise(found.group())
-    numbers = _NUMBER.findall(text)
-    return _normalise(numbers[-1]) if numbers else None
+
+def gold_answer(answer: str) -> str | None:
+    """The reference as the harness compares it: the whole ``answer`` cleaned (all but the number after ``#### ``
+    goes); None when it holds no ``#### ``."""
+    return _clean(answer) if "#### " in answer else None
 
 
 def evaluate_gsm8k(
@@ -46,14 +63,17 @@ def evaluate_gsm8k(
     batch_size: int = 8,
     progress: bool = True,
 ) -> EvalResult:
-    """Greedy answers to the task's own prompt (``format_gsm8k``), scored by exact match of the extracted number."""
+    """Greedy answers to the task's own prompt (``format_gsm8k``, the harness's zero-shot ``doc_to_text``).
+
+    ``accuracy`` is the harness's ``exact_match,flexible-extract``; ``metadata["strict_match"]`` its
+    ``exact_match,strict-match``."""
     if not rows:
         raise ValueError("gsm8k: no examples to evaluate")
     golds = []
     for i, row in enumerate(rows):
-        gold = extract_answer(str(row["answer"]))
+        gold = gold_answer(str(row["answer"]))
         if gold is None:
-            raise ValueError(f"{source_of(row, i)}: the gold answer has no number: {row['answer']!r}")
+            raise ValueError(f"{source_of(row, i)}: the gold answer has no '#### N': {row['answer']!r}")
         golds.append(gold)
     prompts = [format_gsm8k(row)[0] for row in rows]
     outputs = common.generate_completions(
@@ -69,22 +89,29 @@ def evaluate_gsm8k(
     predictions = []
     for i, (row, gold, output) in enumerate(zip(rows, golds, outputs, strict=True)):
         completion = cut_at(output, STOPS)
-        answer = extract_answer(completion)
+        answer, strict = extract_answer(completion), extract_answer(completion, "strict-match")
         predictions.append(
             {
                 "index": i,
                 "source": source_of(row, i),
                 "prediction": answer,
+                "prediction_strict": strict,
                 "gold": gold,
                 "correct": answer == gold,
+                "correct_strict": strict == gold,
                 "completion": completion,
             }
         )
-    accuracy = sum(p["correct"] for p in predictions) / len(predictions)
+    n = len(predictions)
     return EvalResult(
         task="gsm8k",
-        n=len(predictions),
-        accuracy=accuracy,
+        n=n,
+        accuracy=sum(p["correct"] for p in predictions) / n,
         predictions=predictions,
-        metadata={"metric": "exact_match", "max_new_tokens": max_new_tokens},
+        metadata={
+            "metric": "exact_match,flexible-extract",
+            "strict_match": sum(p["correct_strict"] for p in predictions) / n,
+            "definition": "lm-evaluation-harness 0.4 gsm8k (exact_match, both filters)",
+            "max_new_tokens": max_new_tokens,
+        },
     )

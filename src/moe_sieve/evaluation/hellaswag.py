@@ -1,11 +1,17 @@
-"""HellaSwag: pick the ending the model finds most likely; the paper reports normalised accuracy (§5.1)."""
+"""HellaSwag: pick the ending the model finds most likely; the paper reports normalised accuracy (§5.1).
+
+Scored as lm-evaluation-harness 0.4's ``hellaswag`` task: context ``preprocess(activity_label + ": " + ctx_a + " " +
+ctx_b.capitalize())``, every ending preprocessed (WikiHow markup removed) and scored as ``" " + ending``,
+``acc`` = argmax of the summed log-probabilities, ``acc_norm`` = argmax after dividing by the preprocessed
+ending's length in characters (``len(str)``, as the harness's ``completion_len``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..data.tasks import format_hellaswag
+from ..data.tasks import format_hellaswag, preprocess_hellaswag
 from . import common
 from .common import EvalResult, source_of
 
@@ -25,9 +31,9 @@ def evaluate_hellaswag(
 ) -> EvalResult:
     """Score every ending by the summed log-probability of its tokens after the task's context prompt.
 
-    ``accuracy`` takes the raw sum; ``accuracy_norm`` divides it by the ending's length in characters first
-    (lm-eval-harness ``acc_norm``), which removes the bias towards short endings. ``batch_size`` counts
-    context+ending sequences per forward pass.
+    ``accuracy`` takes the raw sum (harness ``acc``); ``accuracy_norm`` divides it by the preprocessed ending's
+    length in characters first (harness ``acc_norm``), which removes the bias towards short endings.
+    ``batch_size`` counts context+ending sequences per forward pass.
     """
     if not rows:
         raise ValueError("hellaswag: no examples to evaluate")
@@ -39,7 +45,7 @@ def evaluate_hellaswag(
             prompt, _ = format_hellaswag(row)  # also validates endings and label
         except (ValueError, KeyError) as err:
             raise ValueError(f"{source_of(row, i)}: {err}") from err
-        endings = [str(e) for e in row["endings"]]
+        endings = [preprocess_hellaswag(str(e)) for e in row["endings"]]
         spans.append((len(pairs), len(pairs) + len(endings)))
         pairs.extend((prompt, " " + ending) for ending in endings)
         labels.append(int(row["label"]))
@@ -47,7 +53,8 @@ def evaluate_hellaswag(
     predictions = []
     for i, (row, (start, end), label) in enumerate(zip(rows, spans, labels, strict=True)):
         raw = scores[start:end]
-        norm = [score / max(len(str(ending)), 1) for score, ending in zip(raw, row["endings"], strict=True)]
+        endings = [pair[1][1:] for pair in pairs[start:end]]
+        norm = [score / max(len(ending), 1) for score, ending in zip(raw, endings, strict=True)]
         pred_raw, pred_norm = _argmax(raw), _argmax(norm)
         predictions.append(
             {
@@ -68,5 +75,9 @@ def evaluate_hellaswag(
         accuracy=sum(p["correct_raw"] for p in predictions) / n,
         accuracy_norm=sum(p["correct"] for p in predictions) / n,
         predictions=predictions,
-        metadata={"metric": "accuracy_norm", "normalisation": "ending characters"},
+        metadata={
+            "metric": "accuracy_norm",
+            "normalisation": "preprocessed ending characters",
+            "definition": "lm-evaluation-harness 0.4 hellaswag (acc, acc_norm)",
+        },
     )

@@ -70,7 +70,7 @@ class TrainConfig:
     logging_steps: int = _help("Log loss and tokens/s every this many steps.", 10)
     save_steps: int = _help("Checkpoint (adapter + optimizer) every this many steps.", 100)
     save_total_limit: int | None = _help("Keep at most this many checkpoints.", 2)
-    report_to: str = _help("none, tensorboard or wandb.", "none")
+    report_to: str = _help("none, tensorboard, wandb or mlflow: loss, LR, tokens/s, routing coverage.", "none")
     trust_remote_code: bool = _help("Run the model repository's own code.", False)
     experts_implementation: str | None = _help("transformers experts backend for the base model.", None)
     fsdp: str = _help("FSDP option string passed to transformers (e.g. 'full_shard auto_wrap'); empty: off.", "")

@@ -35,6 +35,7 @@ from ..selection import Selection, make_selection
 from .config import TrainConfig
 from .monitor import routing_monitor
 from .sharding import check_fsdp
+from .tracking import check_report_to, install_tracking
 
 RESULT_FILES = ("metrics.json", "adapter")
 STAGE_OUTPUTS = ("metrics.json", "adapter", "selection.json", "profile", "checkpoints", "data_report.json")
@@ -360,6 +361,7 @@ def train(
     """
     import contextlib
 
+    check_report_to(config.report_to)
     state = _dist()
     with contextlib.ExitStack() as stack:
         run = None
@@ -514,6 +516,7 @@ def _train_locked(
     )
     if monitor is not None:
         monitor.bind(trainer)
+    install_tracking(trainer, report_to=config.report_to, run_dir=work, selection=selection, profile=config.profile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
