@@ -14,7 +14,7 @@ from ..training.config import PRESET_DIR
 from .config import SweepConfig
 from .runner import SweepOptions, run_sweep
 
-STUDY_PRESETS = {"mini": "study-mini"}
+STUDY_PRESETS = {"mini": "studies/mini"}
 
 
 def preset_path(preset: str) -> Path:
