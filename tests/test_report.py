@@ -20,27 +20,10 @@ from moe_sieve.profiling.profile_set import load_profile_set, set_stats
 from moe_sieve.report import write_report
 from moe_sieve.selection import Selection, select_topk
 from moe_sieve.stats import routing_stats, selection_jaccard
+from moe_sieve.sweep.gather import COLUMNS as RESULT_COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = [
-    "run_id",
-    "model",
-    "task",
-    "condition",
-    "k",
-    "seed",
-    "status",
-    "error",
-    "accuracy",
-    "accuracy_norm",
-    "trainable_params",
-    "adapter_bytes",
-    "wall_time_s",
-    "tokens_per_s",
-    "peak_memory_bytes",
-    "final_loss",
-    "run_dir",
-]
+COLUMNS = list(RESULT_COLUMNS)  # the layout `moe-sieve sweep` writes
 PROFILING = {"table2", "heatmaps", "cv_depth", "coverage", "jaccard", "stability", "allocation"}
 RESULTS = {"runs", "accuracy", "std_ratio", "cost", "budget", "controls"}
 
