@@ -175,6 +175,9 @@ def test_train_writes_trace_metrics_and_logs_drift(tiny_model_dir, tmp_path):
     assert drift["final"]["drift/kl"] == pytest.approx(trace["kl_SL"][-1].mean(), abs=1e-7)
     assert drift == result.metrics["routing_drift"]
     assert [step for step, logs in seen if "drift/coverage" in logs] == [2, 4, 5]
+    # the monitor's own log lines must not swallow the loss logged at the same steps (logging_steps=1)
+    assert [step for step, logs in seen if "loss" in logs] == [1, 2, 3, 4, 5]
+    assert result.metrics["first_loss"] is not None
     # monitoring draws no random numbers and computes no gradients: the adapter is the one trained without it
     import dataclasses
 

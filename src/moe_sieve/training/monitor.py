@@ -179,7 +179,11 @@ class DriftMonitor(TrainerCallback):
         self._save()
         self.seconds += time.perf_counter() - start
         if self.trainer is not None and step > 0:
+            # Trainer.log -> CallbackHandler.on_log clears the shared control.should_log, which would drop the
+            # loss log that DefaultFlowCallback scheduled for this same step.
+            should_log = self.trainer.control.should_log
             self.trainer.log(self.log_entry(figures))
+            self.trainer.control.should_log = should_log
         return figures
 
     def overhead_line(self, wall_seconds: float) -> str:
