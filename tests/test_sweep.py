@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,6 +242,21 @@ def test_sweep_killed_after_first_run_resumes_without_redoing_it(tmp_path):
     # running the finished sweep once more does nothing
     again = run_sweep(config, out)
     assert _stable(again) == _stable(resumed) and marks == {p: p.stat().st_mtime_ns for p in marks}
+
+    # the report is produced from this sweep's directory, and renders in headless Chromium where installed
+    from moe_sieve.report import write_report
+
+    paths = write_report(out, out / "report.html", out / "report.md", stability_trials=5)
+    assert {"runs", "accuracy", "cost"} <= set(paths["sections"])
+    html = (out / "report.html").read_text()
+    assert all(row["condition"] in html for row in resumed) and "data:image/png;base64," in html
+    if shutil.which("chromium"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+        try:
+            from screenshot_report import screenshot
+        finally:
+            sys.path.pop(0)
+        assert screenshot(paths["html"], tmp_path / "shot.png", width=800, height=1200).stat().st_size > 10_000
 
 
 def test_failing_run_is_recorded_and_the_rest_go_on(tmp_path):
