@@ -132,3 +132,14 @@ def tiny_model_dir(tmp_path_factory, byte_tokenizer):
     model.save_pretrained(path)
     byte_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def copy_digits_jsonl(tmp_path_factory):
+    """A learnable toy SFT task (repeat a digit three times), 40 prompt/completion rows."""
+    import json
+
+    rows = [{"prompt": f"copy {a}:", "completion": f" {a}{a}{a}"} for a in range(10)] * 4
+    path = tmp_path_factory.mktemp("copy-digits") / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

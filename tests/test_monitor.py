@@ -136,12 +136,10 @@ def test_figures_on_a_hand_made_routing_change_match_numpy(byte_tokenizer, tmp_p
     assert out.stat().st_size > 1000
 
 
-def test_train_writes_trace_metrics_and_logs_drift(tiny_model_dir, tmp_path):
+def test_train_writes_trace_metrics_and_logs_drift(tiny_model_dir, copy_digits_jsonl, tmp_path):
     from moe_sieve.training import TrainConfig, train
 
-    rows = [{"prompt": f"copy {a}:", "completion": f" {a}{a}{a}"} for a in range(10)] * 4
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = copy_digits_jsonl
     config = TrainConfig(
         model=str(tiny_model_dir),
         data=str(data),

@@ -16,11 +16,8 @@ from moe_sieve.training.reselect import RESELECT_FILE
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    rows = [{"prompt": f"copy {a}:", "completion": f" {a}{a}{a}"} for a in range(10)] * 4
-    path = tmp_path_factory.mktemp("grow") / "toy.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def toy(copy_digits_jsonl):
+    return copy_digits_jsonl
 
 
 def _config(model_dir, data, out, **kw):

@@ -1,7 +1,5 @@
 """--router lora|freeze|full and --router-aux-loss."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -19,11 +17,8 @@ from .conftest import build_tiny
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    rows = [{"prompt": f"copy {a}:", "completion": f" {a}{a}{a}"} for a in range(10)] * 4
-    path = tmp_path_factory.mktemp("router") / "toy.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def toy(copy_digits_jsonl):
+    return copy_digits_jsonl
 
 
 def _config(model_dir, data, out, **kw):
