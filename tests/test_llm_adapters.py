@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from moe_sieve.data.llm_adapters import COMMONSENSE_LABELS, MATH_SETS, accuracy, extract_answer, is_correct
 from moe_sieve.data.tasks import TASKS, load_examples
@@ -86,3 +87,171 @@ def test_correctness_and_accuracy():
     assert accuracy("commonsense-winogrande", gens, ["option1", "option1", "option2"]) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="unknown LLM-Adapters test set"):
         extract_answer("math-foo", "1")
+
+
+# --- evaluation: moe_sieve.evaluation.llm_adapters ---------------------------------------------------------------
+#
+# The reference below re-implements LLM-Adapters' own scoring, independently of moe_sieve (read from
+# github.com/AGI-Edgerunners/LLM-Adapters, commonsense_evaluate.py and evaluate.py): decode prompt + generation,
+# keep ``split("### Response:")[1].strip()``, parse per data set, compare.
+
+
+def _reference_prompt(instruction: str) -> str:
+    # generate_prompt(instruction, input=None), template text as in the scripts (only its "### Response:" matters)
+    return (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+        f"\n\n                ### Instruction:\n                {instruction}\n\n                ### Response:\n"
+        "                "
+    )
+
+
+def _reference_correct(dataset: str, row: dict, generation: str) -> bool:
+    import re
+
+    output = (_reference_prompt(row["instruction"]) + generation).split("### Response:")[1].strip()
+    label = row["answer"]
+    if isinstance(label, list):  # older releases: a one-element list, read as answer[-1] by that evaluate.py
+        label = label[-1]
+    if dataset == "AQuA":
+        found = re.findall(r"A|B|C|D|E", output.strip())
+        return label == (found[0] if found else "")
+    if dataset in ("AddSub", "MultiArith", "SingleEq", "gsm8k", "SVAMP"):
+        if isinstance(label, str):
+            label = float(label)
+        pred = re.findall(r"-?\d+\.?\d*", output.replace(",", ""))
+        predict = float(pred[-1]) if pred else float("inf")
+        return abs(label - predict) <= 0.001
+    patterns = {"boolq": r"true|false", "piqa": r"solution1|solution2", "winogrande": r"option1|option2"}
+    found = re.findall(patterns[dataset], output.strip())
+    return label == (found[0] if found else "")
+
+
+# (LLM-Adapters data set name, moe-sieve task, rows, generation per row)
+EVAL_CASES = [
+    (
+        "gsm8k",
+        "math-gsm8k",
+        [
+            {"instruction": "Natalia sold 48 clips, then half as many. How many?", "input": "", "answer": "72"},
+            {"instruction": "What is 1,234 + 5?", "input": "", "answer": "1239"},
+            {"instruction": "What is 1 + 2?", "input": "", "answer": "3"},
+            {"instruction": "What is 4 / 2?", "input": "", "answer": "2.0"},
+            {"instruction": "What is 1 - 4.5?", "input": "", "answer": -3.5},
+            {"instruction": "What is 10 + 10?", "input": "", "answer": "20"},
+        ],
+        [
+            "A: 48 / 2 = 24. 48 + 24 = 72. The answer is 72.",
+            # the run-on next example is kept up to the next "### Response:", so its 5 is the last number
+            "The answer is 1,239.\n\n### Instruction:\nfoo 5\n\n### Response:\nThe answer is 1,239.",
+            "I do not know.",
+            "4 / 2 = 2.0004",
+            "1 - 4.5 = -3.5",
+            "20 apples, or 19?",
+        ],
+    ),
+    (
+        "boolq",
+        "commonsense-boolq",
+        [
+            {"instruction": "is the sky blue?", "input": "", "answer": "true"},
+            {"instruction": "is grass red?", "input": "", "answer": "false"},
+            {"instruction": "is water wet?", "input": "", "answer": "true"},
+            {"instruction": "is fire cold?", "input": "", "answer": "false"},
+        ],
+        ["the correct answer is true", "the correct answer is true, not false", "True", "false"],
+    ),
+    (
+        "AQuA",
+        "math-aqua",
+        [
+            {"instruction": "60% of 30% of 1400? Answer Choices: (A) 450 (B) 100 (C) 252", "answer": "C"},
+            {"instruction": "Units digit of 9^3-7? Answer Choices: (A) 1 (B) 2", "answer": ["B"]},  # old release
+            {"instruction": "x? Answer Choices: (A) 1 (B) 2", "input": "", "answer": "B"},
+        ],
+        ["729 - 7 = 722, so 252 gms.The answer is (C).", "the answer is (B)", "Answer: B"],  # "A" of "Answer"
+    ),
+]
+
+
+class _Model(torch.nn.Module):
+    """No computation: generation is stubbed; ``generate_completions`` only toggles its training mode."""
+
+
+def _stub(monkeypatch, table: dict[str, str]) -> list[str]:
+    from moe_sieve.evaluation import common
+
+    seen: list[str] = []
+
+    def fake(model, tokenizer, prompts, max_new_tokens, stops=()):
+        assert stops == ("### Response:",)
+        seen.extend(prompts)
+        return [table[p] for p in prompts]
+
+    monkeypatch.setattr(common, "_generate", fake)
+    return seen
+
+
+@pytest.mark.parametrize(("dataset", "task", "rows", "generations"), EVAL_CASES, ids=[c[1] for c in EVAL_CASES])
+def test_accuracy_matches_llm_adapters_scoring(monkeypatch, tmp_path, dataset, task, rows, generations):
+    from moe_sieve.data.llm_adapters import alpaca_prompt
+    from moe_sieve.evaluation import evaluate
+    from moe_sieve.tiny import byte_level_tokenizer
+
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(rows, indent=4))  # the released layout: one JSON list
+    seen = _stub(monkeypatch, {alpaca_prompt(r): g for r, g in zip(rows, generations, strict=True)})
+    result = evaluate(_Model(), byte_level_tokenizer(), f"{task}:{path}", batch_size=4, progress=False)
+
+    ref = [_reference_correct(dataset, r, g) for r, g in zip(rows, generations, strict=True)]
+    assert 0 < sum(ref) < len(rows)  # both outcomes occur, so the comparison can fail
+    assert [p["correct"] for p in result.predictions] == ref
+    assert result.accuracy == pytest.approx(sum(ref) / len(rows)) and result.n == len(rows)
+    assert (result.task, result.metadata["metric"], result.metadata["split"]) == (task, "accuracy", None)
+    assert result.metadata["max_new_tokens"] == (32 if task.startswith("commonsense") else 256)  # the scripts'
+    assert sorted(seen) == sorted(alpaca_prompt(r) for r in rows)
+    assert result.predictions[0]["source"] == f"{path}:0"
+    json.loads(json.dumps(result.to_json(), allow_nan=False))  # no inf/nan in the written predictions
+    if task == "math-gsm8k":
+        assert [p["prediction"] for p in result.predictions][1:3] == [5.0, None]
+        assert result.predictions[1]["completion"] == "The answer is 1,239.\n\n### Instruction:\nfoo 5"
+
+
+def test_eval_data_errors_are_one_line(tmp_path):
+    from moe_sieve.evaluation import evaluate, load_task_rows
+    from moe_sieve.tiny import byte_level_tokenizer
+
+    for name in ("math50k", "commonsense170k"):
+        with pytest.raises(ValueError, match=f"{name} is an LLM-Adapters training mix.*test sets instead"):
+            load_task_rows(f"{name}:{tmp_path / 'x.json'}")
+    with pytest.raises(ValueError, match="not on the Hugging Face hub; pass math-svamp:PATH"):
+        load_task_rows("math-svamp")
+    bad = {
+        "math-svamp": [{"instruction": "q", "answer": "twelve"}],
+        "math-aqua": [{"instruction": "q", "answer": "F"}],
+        "commonsense-piqa": [{"instruction": "q", "answer": "solution3"}],
+    }
+    for task, rows in bad.items():
+        path = tmp_path / f"{task}.json"
+        path.write_text(json.dumps(rows))
+        with pytest.raises(ValueError, match=rf"{path}:0: {task} answer must be"):
+            evaluate(_Model(), byte_level_tokenizer(), f"{task}:{path}", progress=False)
+
+
+def test_a_dataset_folder_evaluates_its_test_split(monkeypatch, tmp_path):
+    """LLM-Adapters keeps dataset/<name>/test.json: the folder reads as its test split; a file is its own split."""
+    from moe_sieve.data.llm_adapters import alpaca_prompt
+    from moe_sieve.evaluation import evaluate, load_task_rows
+    from moe_sieve.tiny import byte_level_tokenizer
+
+    folder = tmp_path / "winogrande"
+    folder.mkdir()
+    rows = [{"instruction": f"q{i}", "input": "", "output": "", "answer": f"option{1 + i % 2}"} for i in range(3)]
+    (folder / "test.json").write_text(json.dumps(rows))
+    (folder / "train.json").write_text(json.dumps(rows[:1]))
+    task, loaded = load_task_rows(f"commonsense-winogrande:{folder}")
+    assert task == "commonsense-winogrande" and [r["answer"] for r in loaded] == [r["answer"] for r in rows]
+    _stub(monkeypatch, {alpaca_prompt(r): "option1" for r in rows})
+    result = evaluate(_Model(), byte_level_tokenizer(), f"commonsense-winogrande:{folder}", progress=False)
+    assert result.metadata["split"] == "test" and result.accuracy == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="--split train needs a hub task or a dataset directory"):
+        load_task_rows(f"commonsense-winogrande:{folder / 'test.json'}", split="train")

@@ -184,3 +184,26 @@ def test_cli_small(tmp_path, capsys):
     assert main([str(tmp_path / "cli"), "--small", "--seed", "2"]) == 0
     assert "corpus/train.jsonl" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["seed"] == 2
+
+
+def test_arith_in_the_llm_adapters_math_format(out):
+    """The same problems as arith/, one JSON list per split, loadable as Math50K (train) and as a math test set
+    (eval reads the folder's test split), with an answer that LLM-Adapters' parser reads back from the output."""
+    from moe_sieve.data.llm_adapters import extract_answer, is_correct
+    from moe_sieve.evaluation import load_task_rows
+
+    folder = out / "llm-adapters-math"
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in SPLITS:
+        rows = json.loads((folder / f"{split}.json").read_text())
+        arith = read_jsonl(out / "arith" / f"{split}.jsonl")
+        assert len(rows) == len(arith) == manifest["counts"][f"llm-adapters-math/{split}.json"]
+        for row, source in zip(rows, arith, strict=True):
+            assert row["instruction"] == source["question"] and row["input"] == ""
+            assert row["answer"] == source["answer"].rsplit("#### ", 1)[1]
+            assert row["output"].endswith(f"The answer is {row['answer']}.")
+            assert is_correct("math-gsm8k", extract_answer("math-gsm8k", row["output"]), row["answer"])
+    train = load_examples(f"math50k:{folder}")
+    assert len(train) == SMALL_SIZES["arith_train"] and train[0].prompt.endswith("### Response:\n")
+    task, test_rows = load_task_rows(f"math-gsm8k:{folder}")
+    assert task == "math-gsm8k" and len(test_rows) == SMALL_SIZES["arith_test"]

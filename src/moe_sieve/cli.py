@@ -639,7 +639,10 @@ def eval_command(
     max_examples: Annotated[int | None, typer.Option(help="Evaluate at most this many examples.")] = None,
     spider_dir: Annotated[str | None, typer.Option(help="Spider directory (tables.json, database/).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget for GSM8K and Spider.")] = 128,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(help="Generation budget (default: 128; LLM-Adapters sets: 32 commonsense, 256 math)."),
+    ] = None,
     keep_distinct: Annotated[
         bool, typer.Option(help="Spider: keep DISTINCT when comparing (the official default removes it).")
     ] = False,
@@ -648,7 +651,8 @@ def eval_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
 ) -> None:
-    """Accuracy on GSM8K (exact match), HellaSwag (normalised) or Spider (execution, read-only SQL)."""
+    """Accuracy on GSM8K (exact match), HellaSwag (normalised), Spider (execution, read-only SQL) or an
+    LLM-Adapters test set (commonsense-NAME:PATH, math-NAME:PATH; greedy answer, LLM-Adapters' parsing)."""
     from ._io import atomic_write_json, ensure_writable
     from .adapters import load_sieve_adapter
     from .evaluation import evaluate

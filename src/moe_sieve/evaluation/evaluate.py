@@ -7,11 +7,19 @@ from typing import Any
 
 from ..data.tasks import TASKS, _format_rows, _load_task_rows, _select, check_selection_args, get_task
 from .common import EvalResult
+from .llm_adapters import TEST_SETS as LLM_ADAPTERS_TEST_SETS
+from .llm_adapters import TRAINING_MIXES as LLM_ADAPTERS_TRAINING_MIXES
 
 # Fine-tuning defaults to each task's train split; evaluation to its held-out one (HellaSwag's test split has
-# no labels, Spider's test databases are not public).
-EVAL_SPLITS = {"gsm8k": "test", "hellaswag": "validation", "spider": "validation"}
+# no labels, Spider's test databases are not public). LLM-Adapters keeps each test set in dataset/<name>/test.json.
+EVAL_SPLITS = {
+    "gsm8k": "test",
+    "hellaswag": "validation",
+    "spider": "validation",
+    **dict.fromkeys(LLM_ADAPTERS_TEST_SETS, "test"),
+}
 EVAL_TASKS = tuple(EVAL_SPLITS)
+DEFAULT_MAX_NEW_TOKENS = 128  # GSM8K and Spider; the LLM-Adapters sets use their scripts' budgets (32 / 256)
 
 
 def _parse_data(data: str) -> tuple[str, Path | None]:
@@ -26,8 +34,18 @@ def _parse_data(data: str) -> tuple[str, Path | None]:
                 "(a .jsonl/.json/.parquet/.csv file or a dataset directory in the hub schema)"
             )
         path = Path(rest)
+    if name in LLM_ADAPTERS_TRAINING_MIXES:
+        raise ValueError(
+            f"--data {data!r}: {name} is an LLM-Adapters training mix (no single answer format); evaluate on its "
+            f"test sets instead: {', '.join(t for t in LLM_ADAPTERS_TEST_SETS if t.startswith(name[:4]))} (NAME:PATH)"
+        )
     if name not in EVAL_SPLITS:
         raise ValueError(f"task {name!r} has no evaluator; evaluable tasks: {', '.join(EVAL_TASKS)}")
+    if path is None and name in LLM_ADAPTERS_TEST_SETS:
+        raise ValueError(
+            f"--data {data!r}: the LLM-Adapters test sets are not on the Hugging Face hub; pass {name}:PATH "
+            "(dataset/<name>/test.json of github.com/AGI-Edgerunners/LLM-Adapters, or its folder)"
+        )
     return name, path
 
 
@@ -82,23 +100,30 @@ def evaluate(
     max_examples: int | None = None,
     spider_dir: str | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     timeout_s: float = 5.0,
     keep_distinct: bool = False,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``data`` (``gsm8k``, ``hellaswag``, ``spider`` or ``TASK:PATH``) with its metric."""
+    """Evaluate ``model`` on ``data`` (``gsm8k``, ``hellaswag``, ``spider`` or ``TASK:PATH``, including the
+    LLM-Adapters test sets ``commonsense-*:PATH`` / ``math-*:PATH``) with its metric.
+
+    ``max_new_tokens`` defaults to 128 for GSM8K and Spider and to LLM-Adapters' own budgets for its test sets."""
     from .gsm8k import evaluate_gsm8k
     from .hellaswag import evaluate_hellaswag
+    from .llm_adapters import evaluate_llm_adapters
     from .spider import evaluate_spider
 
     name, path = _parse_data(data)
     spider_dir = _resource_dir(name, path, spider_dir)
     task, rows = load_task_rows(data, split, max_examples, spider_dir=spider_dir)
-    if task == "gsm8k":
-        result = evaluate_gsm8k(
-            model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    budget = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    if task in LLM_ADAPTERS_TEST_SETS:
+        result = evaluate_llm_adapters(
+            model, tokenizer, task, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
         )
+    elif task == "gsm8k":
+        result = evaluate_gsm8k(model, tokenizer, rows, max_new_tokens=budget, batch_size=batch_size, progress=progress)
     elif task == "hellaswag":
         result = evaluate_hellaswag(model, tokenizer, rows, batch_size=batch_size, progress=progress)
     else:
@@ -108,7 +133,7 @@ def evaluate(
             tokenizer,
             rows,
             spider_dir=spider_dir,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budget,
             batch_size=batch_size,
             timeout_s=timeout_s,
             keep_distinct=keep_distinct,

@@ -1,4 +1,6 @@
 """Seeded generator of the mini tasks (GSM8K-, Spider- and HellaSwag-shaped) and of the pretraining corpus.
+The arithmetic task is also written in the LLM-Adapters math format (``llm-adapters-math/{split}.json``), so
+``train --data math50k:DIR`` and ``eval --data math-gsm8k:DIR`` run on it.
 
 Nothing can be downloaded here, so the repo ships a small OLMoE-architecture model pretrained on :func:`corpus`
 documents and fine-tuned on the three mini tasks. The corpus mixes four domains (arithmetic, SQL, everyday
@@ -187,6 +189,16 @@ def _arith_problem(rng: random.Random) -> Row:
         s = f"On the first two days {pron} found {a} + {b} = {_n(t, obj)}. "
         s += f"Adding the third day, {t} + {c} = {_n(r, obj)}."
     return {"question": q, "answer": f"{s}\n#### {r}"}
+
+
+LLM_ADAPTERS_MATH = "llm-adapters-math"
+
+
+def llm_adapters_math_row(row: Row) -> Row:
+    """An arithmetic problem as a Math50K / math test-set row: the worked answer ends in "The answer is N." (the
+    form LLM-Adapters' rationales take, whose last number its evaluate.py reads) and ``answer`` is N."""
+    steps, _, result = str(row["answer"]).rpartition("\n#### ")
+    return {"instruction": row["question"], "input": "", "output": f"{steps} The answer is {result}.", "answer": result}
 
 
 # --- Spider-shaped text-to-SQL ----------------------------------------------------------------------------------
@@ -1080,6 +1092,12 @@ def generate_minitasks(out_dir: str | Path, *, seed: int = 0, sizes: Mapping[str
     )
     for split in SPLITS:
         dump(f"arith/{split}.jsonl", arith[split])
+    for split in SPLITS:  # the same problems in the LLM-Adapters math format (Math50K / math test sets)
+        rel = f"{LLM_ADAPTERS_MATH}/{split}.json"
+        rows = [llm_adapters_math_row(row) for row in arith[split]]
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        counts[rel], paths[rel] = len(rows), str(out / rel)
 
     db_rng = _rng(seed, "spider-db")
     databases = {db.db_id: (db, _fill_database(db_rng, db)) for db in DATABASES}
@@ -1154,7 +1172,10 @@ def generate_minitasks(out_dir: str | Path, *, seed: int = 0, sizes: Mapping[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate the moe-sieve mini tasks and pretraining corpus.")
-    parser.add_argument("out_dir", help="folder to write arith/, spider/, hellaswag/, corpus/ and manifest.json into")
+    parser.add_argument(
+        "out_dir",
+        help=f"folder to write arith/, {LLM_ADAPTERS_MATH}/, spider/, hellaswag/, corpus/ and manifest.json into",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--corpus-docs", type=int, default=None, help="documents in corpus/train.jsonl")
