@@ -9,6 +9,7 @@ import torch
 
 from moe_sieve.data.llm_adapters import COMMONSENSE_LABELS, MATH_SETS, accuracy, extract_answer, is_correct
 from moe_sieve.data.tasks import TASKS, load_examples
+from moe_sieve.modeling import default_model_path
 
 TRAIN_ROWS = [
     {
@@ -255,3 +256,45 @@ def test_a_dataset_folder_evaluates_its_test_split(monkeypatch, tmp_path):
     assert result.metadata["split"] == "test" and result.accuracy == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="--split train needs a hub task or a dataset directory"):
         load_task_rows(f"commonsense-winogrande:{folder / 'test.json'}", split="train")
+
+
+@pytest.mark.skipif(not (default_model_path() / "model.safetensors").exists(), reason="embedded model not built")
+def test_eval_cli_on_the_embedded_model_and_mini_math_task(monkeypatch, capsys, tmp_path):
+    """``moe-sieve eval --data math-gsm8k:DIR`` end to end on the embedded model and the mini arithmetic task in the
+    LLM-Adapters format; every completion equals an unbatched transformers greedy ``generate`` cut as
+    LLM-Adapters cuts it, and the accuracy equals LLM-Adapters' scoring of those generations."""
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moe_sieve.cli import main
+    from moe_sieve.data.llm_adapters import alpaca_prompt
+    from moe_sieve.minitasks import SMALL_SIZES, generate_minitasks
+
+    generate_minitasks(tmp_path / "mini", seed=0, sizes=SMALL_SIZES)
+    folder = tmp_path / "mini" / "llm-adapters-math"
+    out = tmp_path / "eval.json"
+    argv = ["moe-sieve", "eval", "--data", f"math-gsm8k:{folder}", "--max-examples", "4", "--batch-size", "3"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--max-new-tokens", "24", "--device", "cpu", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code in (0, None), capsys.readouterr().err
+    assert "math-gsm8k: accuracy" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = json.loads((folder / "test.json").read_text())[:4]
+    assert (result["task"], result["n"], result["metadata"]["split"]) == ("math-gsm8k", 4, "test")
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    model = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
+    generations = []
+    for row in rows:
+        ids = tokenizer(alpaca_prompt(row), return_tensors="pt")
+        with torch.no_grad():
+            seq = model.generate(**ids, max_new_tokens=24, do_sample=False, num_beams=1)[0]
+        generations.append(tokenizer.decode(seq[ids["input_ids"].shape[1] :], skip_special_tokens=True))
+        full = tokenizer.decode(seq, skip_special_tokens=True)
+        assert result["predictions"][len(generations) - 1]["completion"] == full.split("### Response:")[1].strip()
+    expected = [_reference_correct("gsm8k", row, g) for row, g in zip(rows, generations, strict=True)]
+    assert [p["correct"] for p in result["predictions"]] == expected
+    assert result["accuracy"] == pytest.approx(sum(expected) / 4)
+    assert [p["gold"] for p in result["predictions"]] == [float(r["answer"]) for r in rows]
