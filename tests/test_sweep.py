@@ -287,3 +287,66 @@ def test_submitit_local_executor_runs_a_small_sweep(tmp_path):
     assert [r["status"] for r in rows] == ["finished", "finished"]
     assert list((out / "submitit").glob("*_log.out"))  # the jobs went through submitit
     assert all(r["eval_n"] == 2 for r in rows)
+
+
+# --- the routed-mini preset (issue 11): Routed-PEFT variants as sweep conditions ---------------------------------
+
+
+def test_routed_mini_preset_is_the_comparison_design():
+    from moe_sieve.sweep.study import preset_path
+
+    config = SweepConfig.from_yaml(preset_path("routed-mini"))
+    mini = SweepConfig.from_yaml(preset_path("mini"))
+    runs = expand(config, "/tmp/study")
+    assert len(config.seeds) == 3 and len(runs) == 8 * 3
+    t = {r.condition: r.train for r in runs if r.seed == config.seeds[0]}
+    assert (t["attention-only"]["strategy"], t["attention-only"]["targets"]) == ("none", ["attention"])
+    assert (t["hot-25"]["strategy"], t["hot-25"]["k"], t["full"]["strategy"]) == ("topk", "25%", "full")
+    assert all(t[c]["method"] == "sieve" for c in ("attention-only", "hot-25", "full"))
+    keys = ("variant", "num_adapters", "top_k_adapters", "strategy")
+    routed = {c: tuple(o[k] for k in keys) for c, o in t.items() if o["method"] == "routed"}
+    assert routed["routed-S"][0] == "S" and routed["routed-D4"][:2] == ("D", 4)
+    assert routed["routed-R4k2"][:3] == ("R", 4, 2)
+    assert routed["routed-E"][::3] == ("E", "full") and routed["routed-E-hot-25"][::3] == ("E", "topk")
+    assert t["routed-E-hot-25"]["k"] == "25%"
+    # the routed learning rate is one option of the routed conditions (one YAML anchor), mini.yaml's for now
+    assert {o["learning_rate"] for o in t.values()} == {mini.train["learning_rate"]}
+    assert config.train == mini.train and config.eval == mini.eval and config.tasks == mini.tasks
+
+
+def test_routed_mini_preset_shrunk_runs_end_to_end(tmp_path):
+    """The shipped preset cut to 2 conditions (sieve hot-25, routed R), 1 seed, 3 steps: `moe-sieve study` runs
+    it, and the results table has the routed run's columns right."""
+    from moe_sieve.sweep.study import preset_path
+
+    data = yaml.safe_load(preset_path("routed-mini").read_text())
+    data["minitasks"]["sizes"] = SMALL
+    data["profiles"]["max_examples"] = 8
+    data["train"].update(
+        max_steps=3, batch_size=2, micro_batch_size=2, r=2, alpha=4, max_length=96, save_steps=3, logging_steps=1
+    )
+    data["eval"] = {"max_examples": 2, "max_new_tokens": 4, "batch_size": 2}
+    data["tasks"][0]["eval"] = {"split": "test"}
+    data["conditions"] = [c for c in data["conditions"] if c["name"] in ("hot-25", "routed-R4k2")]
+    data["seeds"] = [0]
+    path = _write(tmp_path, data)
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "moe_sieve.cli", "study", "--preset", str(path), "--out", str(out), "--jobs", "1"]
+    result = subprocess.run([*cmd, "--reference", "hot-25"], env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    rows = {r["condition"]: r for r in json.loads((out / "results.json").read_text())}
+    assert [r["status"] for r in rows.values()] == ["finished", "finished"]
+    hot, routed = rows["hot-25"], rows["routed-R4k2"]
+    assert (hot["method"], hot["variant"], hot["k"]) == ("sieve", None, 4)
+    assert (routed["method"], routed["variant"], routed["adapter_type"]) == ("routed", "R", "lora")
+    assert (routed["num_adapters"], routed["top_k_adapters"], routed["k"]) == (4, 2, 0)  # R adapts no expert
+    # R's trainable parameters per MoE layer: N adapters of 2*D*r plus the D x N router (README formula)
+    config = json.loads((default_model_path() / "config.json").read_text())
+    d, layers, n, r = config["hidden_size"], config["num_hidden_layers"], 4, 2
+    assert routed["trainable_params"] == layers * (n * 2 * d * r + d * n)
+    assert routed["accuracy"] is not None and routed["adapter_bytes"] > 0
+    metrics = json.loads((out / routed["run_dir"] / "metrics.json").read_text())
+    assert metrics["method"] == "routed" and metrics["routed"]["config"]["variant"] == "R"
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[: len(COLUMNS)] == list(COLUMNS) and "variant" in header
+    assert (out / "report.html").is_file() and "routed-R" in (out / "report.md").read_text()

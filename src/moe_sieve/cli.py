@@ -738,8 +738,8 @@ def sweep(
 
 @app.command()
 def study(
-    preset: Annotated[str, typer.Option(help="Study preset (mini) or a sweep YAML.")] = "mini",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Study directory.")] = Path("runs/study-mini"),
+    preset: Annotated[str, typer.Option(help="Study preset (mini, routed-mini) or a sweep YAML.")] = "mini",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Study directory (default: runs/NAME).")] = None,
     executor: ExecutorOpt = "local",
     jobs: JobsOpt = 2,
     cluster: ClusterOpt = None,

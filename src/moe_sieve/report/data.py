@@ -90,6 +90,8 @@ def _run_info(root: Path, row: dict[str, str]) -> RunInfo:
     selection = _read_json(run_dir / "selection.json") if run_dir else None
     train = (config or {}).get("train") if isinstance((config or {}).get("train"), dict) else config
     strategy = (train or {}).get("strategy") or strategy_of(row.get("condition", ""))
+    if (train or {}).get("method") == "routed":  # Routed-PEFT: not a sieve selection at its k (budget, controls)
+        strategy = f"routed-{str(train.get('variant', '')).upper()}"
     k = None
     if selection is not None:
         k = (selection.get("params") or {}).get("k_resolved")

@@ -31,8 +31,20 @@ COLUMNS = (
     "final_loss",
     "run_dir",
 )
-# Task-specific secondary columns after the fixed ones: the metric's name and how many examples it scored.
-SECONDARY = ("metric", "eval_n", "eval_correct", "run_wall_time_s")
+# Task-specific secondary columns after the fixed ones: the metric's name and how many examples it scored; then
+# the adapter family (sieve LoRA or Routed-PEFT) and, for routed runs, what defines the variant (blank otherwise).
+SECONDARY = (
+    "metric",
+    "eval_n",
+    "eval_correct",
+    "run_wall_time_s",
+    "method",
+    "variant",
+    "adapter_type",
+    "num_adapters",
+    "top_k_adapters",
+)
+ROUTED_OPTIONS = ("variant", "adapter_type", "num_adapters", "top_k_adapters")
 
 
 def _adapter_bytes(path: Path) -> int | None:
@@ -40,10 +52,28 @@ def _adapter_bytes(path: Path) -> int | None:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else None
 
 
+def _routed_columns(spec: RunSpec) -> dict[str, Any]:
+    """Routed-PEFT's defining options (N and K only where the variant uses them); blank for sieve runs."""
+    train = spec.train
+    if train.get("method", "sieve") != "routed":
+        return {"method": train.get("method", "sieve")}
+    variant = str(train.get("variant", "")).upper()
+    return {
+        "method": "routed",
+        "variant": variant,
+        "adapter_type": train.get("adapter_type"),
+        "num_adapters": train.get("num_adapters") if variant in ("D", "R") else None,
+        "top_k_adapters": train.get("top_k_adapters") if variant == "R" else None,
+    }
+
+
 def _k_option(spec: RunSpec) -> Any:
-    """Before a run finishes, k is what the condition asked for."""
+    """Before a run finishes, k is what the condition asked for: adapted routed experts per layer (routed S, D
+    and R adapt no expert, E the experts its strategy picks)."""
     strategy = spec.train.get("strategy")
     if strategy == "none" or "experts" not in spec.train.get("targets", []):
+        return 0
+    if spec.train.get("method") == "routed" and str(spec.train.get("variant", "")).upper() != "E":
         return 0
     return "all" if strategy == "full" else spec.train.get("k")
 
@@ -59,6 +89,7 @@ def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
         seed=spec.seed,
         k=_k_option(spec),
         run_dir=str(Path("runs") / spec.run_id),
+        **_routed_columns(spec),
     )
     if is_finished(run_dir, spec):
         ev, metrics = _read_json(run_dir / EVAL_FILE) or {}, _read_json(run_dir / "metrics.json") or {}

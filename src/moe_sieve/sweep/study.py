@@ -1,5 +1,5 @@
-"""``moe-sieve study --preset mini``: a shipped sweep (mini tasks, routing study, conditions x seeds, k sweep),
-then the statistics table and the report when those modules are installed."""
+"""``moe-sieve study --preset mini`` (or ``routed-mini``): a shipped sweep (mini tasks, routing study, conditions x
+seeds, k sweep), then the statistics table and the report when those modules are installed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..training.config import PRESET_DIR
 from .config import SweepConfig
 from .runner import SweepOptions, run_sweep
 
-STUDY_PRESETS = {"mini": "studies/mini"}
+STUDY_PRESETS = {"mini": "studies/mini", "routed-mini": "studies/routed-mini"}
 
 
 def preset_path(preset: str) -> Path:
@@ -36,15 +36,16 @@ def _available(module: str) -> bool:
 
 def run_study(
     preset: str,
-    out: str | Path,
+    out: str | Path | None,
     options: SweepOptions | None = None,
     log: Callable[[str], None] = print,
     reference: str = "full",
 ) -> dict[str, Any]:
-    """Run the sweep of ``preset`` into ``out``, then compare-runs (if available) and the report (if available)."""
+    """Run the sweep of ``preset`` into ``out`` (default ``runs/<name>``), then compare-runs (if available) and the
+    report (if available)."""
     started = time.perf_counter()
-    out = Path(out)
     config = SweepConfig.from_yaml(preset_path(preset))
+    out = Path("runs") / config.name if out is None else Path(out)
     rows = run_sweep(config, out, options, log)
     summary: dict[str, Any] = {
         "preset": preset,
