@@ -314,9 +314,9 @@ def test_routed_mini_preset_is_the_comparison_design():
     assert config.train == mini.train and config.eval == mini.eval and config.tasks == mini.tasks
 
 
-def test_routed_mini_preset_shrunk_runs_end_to_end(tmp_path):
-    """The shipped preset cut to 2 conditions (sieve hot-25, routed R), 1 seed, 3 steps: `moe-sieve study` runs
-    it, and the results table has the routed run's columns right."""
+def _shrunk_routed_mini(tmp_path: Path, tasks: list[dict] | None = None) -> list[dict]:
+    """The shipped routed-mini preset cut to 2 conditions (sieve hot-25, routed R), 1 seed, 3 steps, run by
+    `moe-sieve study`; returns its results rows."""
     from moe_sieve.sweep.study import preset_path
 
     data = yaml.safe_load(preset_path("routed-mini").read_text())
@@ -327,6 +327,7 @@ def test_routed_mini_preset_shrunk_runs_end_to_end(tmp_path):
     )
     data["eval"] = {"max_examples": 2, "max_new_tokens": 4, "batch_size": 2}
     data["tasks"][0]["eval"] = {"split": "test"}
+    data["tasks"] = tasks or data["tasks"]
     data["conditions"] = [c for c in data["conditions"] if c["name"] in ("hot-25", "routed-R4k2")]
     data["seeds"] = [0]
     path = _write(tmp_path, data)
@@ -334,8 +335,15 @@ def test_routed_mini_preset_shrunk_runs_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "moe_sieve.cli", "study", "--preset", str(path), "--out", str(out), "--jobs", "1"]
     result = subprocess.run([*cmd, "--reference", "hot-25"], env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
-    rows = {r["condition"]: r for r in json.loads((out / "results.json").read_text())}
-    assert [r["status"] for r in rows.values()] == ["finished", "finished"]
+    table = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in table] == ["finished"] * 2
+    return table
+
+
+def test_routed_mini_preset_shrunk_runs_end_to_end(tmp_path):
+    """The results table has the routed run's columns right, and the report lists it as routed."""
+    rows = {r["condition"]: r for r in _shrunk_routed_mini(tmp_path)}
+    out = tmp_path / "study"
     hot, routed = rows["hot-25"], rows["routed-R4k2"]
     assert (hot["method"], hot["variant"], hot["k"]) == ("sieve", None, 4)
     assert (routed["method"], routed["variant"], routed["adapter_type"]) == ("routed", "R", "lora")
@@ -350,3 +358,15 @@ def test_routed_mini_preset_shrunk_runs_end_to_end(tmp_path):
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[: len(COLUMNS)] == list(COLUMNS) and "variant" in header
     assert (out / "report.html").is_file() and "routed-R" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow  # the pieces are covered fast: math50k loading (test_minitasks), math-gsm8k eval (test_llm_adapters)
+def test_routed_mini_on_the_llm_adapters_math_format(tmp_path):
+    """The Routed-PEFT pipeline in miniature as a sweep task: train on the Math50K-format file, score the math
+    test-set format with LLM-Adapters' rule."""
+    folder = "{study}/minitasks/llm-adapters-math"
+    task = {"name": "arith-la", "data": f"math50k:{folder}", "train": {"max_length": 192}}  # the Alpaca prompt
+    table = _shrunk_routed_mini(tmp_path, [{**task, "eval": {"data": f"math-gsm8k:{folder}"}}])
+    assert [(r["metric"], r["eval_n"]) for r in table] == [("accuracy", 2)] * 2
+    assert json.loads((tmp_path / "study" / table[1]["run_dir"] / "eval.json").read_text())["task"] == "math-gsm8k"
+    assert table[1]["method"] == "routed"
