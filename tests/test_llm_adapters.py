@@ -298,3 +298,17 @@ def test_eval_cli_on_the_embedded_model_and_mini_math_task(monkeypatch, capsys, 
     assert [p["correct"] for p in result["predictions"]] == expected
     assert result["accuracy"] == pytest.approx(sum(expected) / 4)
     assert [p["gold"] for p in result["predictions"]] == [float(r["answer"]) for r in rows]
+
+
+def test_eval_cli_refuses_a_training_mix_in_one_line_before_loading(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from moe_sieve.cli import main
+
+    argv = ["moe-sieve", "eval", "--model", str(tmp_path / "no-model"), "--data", "math50k:x"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code != 0 and len(err.splitlines()) == 1  # the model (a missing path) was never loaded
+    assert err.startswith("Error: --data 'math50k:x': math50k is an LLM-Adapters training mix")

@@ -370,3 +370,13 @@ def test_routed_mini_on_the_llm_adapters_math_format(tmp_path):
     assert [(r["metric"], r["eval_n"]) for r in table] == [("accuracy", 2)] * 2
     assert json.loads((tmp_path / "study" / table[1]["run_dir"] / "eval.json").read_text())["task"] == "math-gsm8k"
     assert table[1]["method"] == "routed"
+
+
+def test_an_unscorable_eval_fails_at_expand_not_after_training(tmp_path):
+    data = _sweep_dict(seeds=(0,))
+    data["tasks"] = [{"name": "la", "data": "math50k:{study}/x.json"}]  # eval defaults to the training data
+    with pytest.raises(ValueError, match=r"task 'la'\.eval: .*math50k is an LLM-Adapters training mix"):
+        expand(SweepConfig.from_dict(data, source="s.yaml"), tmp_path)
+    data["tasks"][0]["eval"] = {"data": "math-gsm8k"}
+    with pytest.raises(ValueError, match="not on the Hugging Face hub; pass math-gsm8k:PATH"):
+        expand(SweepConfig.from_dict(data, source="s.yaml"), tmp_path)

@@ -656,10 +656,12 @@ def eval_command(
     from ._io import atomic_write_json, ensure_writable
     from .adapters import load_sieve_adapter
     from .evaluation import evaluate
+    from .evaluation.evaluate import check_eval_data
     from .modeling import ModelSpec, load_model, load_tokenizer
 
     if out is not None:
         ensure_writable(out, overwrite)
+    check_eval_data(data)  # a wrong --data fails before the model loads
     spec = ModelSpec(model=model, device=device, trust_remote_code=trust_remote_code)
     net, tokenizer = load_model(spec), load_tokenizer(spec)
     if adapter is not None:

@@ -49,6 +49,12 @@ def _parse_data(data: str) -> tuple[str, Path | None]:
     return name, path
 
 
+def check_eval_data(data: str) -> str:
+    """The task ``data`` would be scored as; raises the one-line error ``evaluate`` would raise about ``data``
+    itself (no such evaluator, a training mix, a test set without its file), before anything is trained."""
+    return _parse_data(data)[0]
+
+
 def _resource_dir(name: str, path: Path | None, resource_dir: str | None) -> str | None:
     """The explicit directory, else the data's own folder when it holds the task's resource file (as
     ``load_examples`` does: Spider's release keeps tables.json and database/ next to its rows)."""

@@ -280,6 +280,8 @@ def _substitute(value: Any, variables: dict[str, str]) -> Any:
 def expand(config: SweepConfig, out: str | Path) -> list[RunSpec]:
     """Every (model, task, condition, seed) as a validated RunSpec, in a stable order: seed before condition,
     so a study cut short has every condition at its first seeds (paired comparisons need both)."""
+    from ..evaluation.evaluate import check_eval_data
+
     out = Path(out)
     variables = {"study": str(out), "sweep_dir": str(Path(config.source).resolve().parent)}
     runs = []
@@ -307,5 +309,9 @@ def expand(config: SweepConfig, out: str | Path) -> list[RunSpec]:
                         ev_json["data"] = train.data
                     if ev_json["spider_dir"] is None:
                         ev_json["spider_dir"] = train.spider_dir
+                    try:  # e.g. a Math50K task evaluated on its own training mix: fail now, not after training
+                        check_eval_data(ev_json["data"])
+                    except ValueError as err:
+                        raise ValueError(f"{where}.eval: {err}") from err
                     runs.append(RunSpec(rid, model.name, task.name, cond.name, seed, train.to_json(), ev_json))
     return runs
