@@ -74,6 +74,17 @@ class TrainConfig:
     trust_remote_code: bool = _help("Run the model repository's own code.", False)
     experts_implementation: str | None = _help("transformers experts backend for the base model.", None)
     fsdp: str = _help("FSDP option string passed to transformers (e.g. 'full_shard auto_wrap'); empty: off.", "")
+    # speed (training/packing.py, training/fused_loss.py): both leave the loss and gradients unchanged
+    packing: bool = _help(
+        "Padding-free micro-batches: concatenate each micro-batch's examples into one row (position_ids restart "
+        "per example, no cross-example attention). Pays off with flash-attention or short, uneven examples.",
+        False,
+    )
+    fused_ce: str = _help(
+        "Fused linear + cross-entropy so the vocab logits are never built: auto (liger, then cce, when installed "
+        "and on CUDA; else the plain loss, logged), off, liger (Liger-Kernel) or cce (cut-cross-entropy).",
+        "auto",
+    )
     # routing while training (training/monitor.py, training/reselect.py)
     monitor_every: int = _help("Measure routing drift on fixed training batches every N steps (0: off).", 25)
     monitor_examples: int = _help("Training examples (seeded, fixed before training) the drift monitor routes.", 32)
@@ -116,6 +127,10 @@ class TrainConfig:
             raise ValueError("--reselect grow needs --monitor-every >= 1 and a selecting --strategy (topk, ...)")
         if self.max_steps < 1 and self.epochs <= 0:
             raise ValueError("give --epochs > 0 or --max-steps >= 1")
+        from .fused_loss import FUSED_CE_CHOICES
+
+        if self.fused_ce not in FUSED_CE_CHOICES:
+            raise ValueError(f"--fused-ce must be one of {', '.join(FUSED_CE_CHOICES)}, got {self.fused_ce!r}")
         if self.method not in ("sieve", "routed"):
             raise ValueError(f"--method must be sieve or routed, got {self.method!r}")
         if self.method == "routed":

@@ -33,7 +33,9 @@ from ..profiling import Profile, profile_model
 from ..profiling.profiler import profile_examples
 from ..selection import Selection, make_selection
 from .config import TrainConfig
+from .fused_loss import FusedLinearCrossEntropy, choose_fused_ce
 from .monitor import routing_monitor
+from .packing import check_packing, packing_collator
 from .sharding import check_fsdp
 from .tracking import check_report_to, install_tracking
 
@@ -57,7 +59,16 @@ def _dist():
 
 
 # Settings a run may change when it resumes (they extend or reshape the schedule, not what was computed).
-RESUMABLE_SETTINGS = ("max_steps", "epochs", "save_steps", "logging_steps", "report_to", "save_total_limit")
+RESUMABLE_SETTINGS = (
+    "max_steps",
+    "epochs",
+    "save_steps",
+    "logging_steps",
+    "report_to",
+    "save_total_limit",
+    "packing",  # packing and the fused loss change how the loss is computed, not its value
+    "fused_ce",
+)
 # Settings that decide the selection (and so the adapter's shape): recorded as one fingerprint.
 SELECTION_SETTINGS = (
     "model",
@@ -430,6 +441,8 @@ def _train_locked(
         tokenizer=tokenizer,
     )
     model = model if model is not None else load_model(spec)
+    if config.packing:
+        check_packing(model)
     given = _given_inputs(config, model)
     if state.is_main_process:  # every input is valid: from here on this directory is this run's
         atomic_write_json(work / "config.json", run_record(config))
@@ -470,6 +483,16 @@ def _train_locked(
     device = next(p for p in model.parameters()).device
     check_fsdp(config, device)
     use_bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
+    loss_choice = choose_fused_ce(
+        config.fused_ce,
+        model,
+        device,
+        fsdp=bool(config.fsdp),
+        method=config.method,
+        router_aux_loss=config.router_aux_loss,
+    )
+    if state.is_main_process:
+        print(loss_choice.line, file=sys.stderr)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=config.micro_batch_size,
@@ -500,7 +523,8 @@ def _train_locked(
         fsdp=config.fsdp or "",
         fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"} if config.fsdp else None,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # packed rows hold no padding (and EOS may share the pad id, which "non_padding" would then skip)
+        include_num_input_tokens_seen="all" if config.packing else "non_padding",
         dataloader_num_workers=0,
         disable_tqdm=not state.is_main_process,
     )
@@ -508,11 +532,12 @@ def _train_locked(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=SFTCollator(tokenizer),
+        data_collator=packing_collator(model) if config.packing else SFTCollator(tokenizer),
         processing_class=tokenizer,
         callbacks=[ThroughputCallback(), *(monitor.callbacks() if monitor else []), *(callbacks or [])],
         base_model_id=config.model,
         keep_checkpoints=config.save_total_limit,
+        fused_ce=loss_choice.backend and FusedLinearCrossEntropy.for_backend(loss_choice.backend).install(model),
     )
     if monitor is not None:
         monitor.bind(trainer)
@@ -543,6 +568,8 @@ def _train_locked(
         "final_loss": losses[-1] if losses else output.training_loss,
         "train_loss": output.training_loss,
         "processes": world,
+        "packing": config.packing,
+        "loss_kernel": loss_choice.backend or "plain",
         "resumed_from": resume_from,
         "data": report.to_json(),
     }

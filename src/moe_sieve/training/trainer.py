@@ -70,11 +70,24 @@ class SieveTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, base_model_id: str | None = None, keep_checkpoints: int | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        base_model_id: str | None = None,
+        keep_checkpoints: int | None = None,
+        fused_ce: Any = None,
+        **kwargs: Any,
     ):
+        if fused_ce is not None:  # training/fused_loss.py: the loss comes from the hidden states, not the logits
+            kwargs["compute_loss_func"] = fused_ce
         super().__init__(*args, **kwargs)
         self.base_model_id = base_model_id
         self.keep_checkpoints = keep_checkpoints
+        self.fused_ce = fused_ce
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self.fused_ce is not None and model.training:
+            inputs = {**inputs, "logits_to_keep": 1}  # the head computes one position; the fused loss does the rest
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
