@@ -128,6 +128,32 @@ def test_packed_loss_and_adapter_gradients_equal_padded(family):
     torch.testing.assert_close(own_pad.double(), loss_pad.detach(), rtol=1e-6, atol=0)
 
 
+def test_routed_r_adapters_with_their_aux_loss_equal_padded():
+    """Routed-PEFT R masks padding out of its adapter-router load-balancing loss; packed rows have none."""
+    from moe_sieve.adapters.routed import RoutedAdapterConfig, apply_routed_adapters
+
+    model = build_tiny("qwen2_moe", experts_implementation="eager").double()
+    cfg = RoutedAdapterConfig(variant="R", r=2, dropout=0.0, num_adapters=4, top_k=2, aux_loss_coef=0.5)
+    apply_routed_adapters(model, None, cfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.1)
+    model.train()
+    rows = _features(259, seed=6)
+    results = []
+    for batch in (SFTCollator(pad_token_id=258)(rows), packing_collator(model)(rows)):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, use_cache=False).loss  # cross-entropy + 0.5 x R's aux loss (added by a hook)
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    (loss_pad, grads_pad), (loss_pack, grads_pack) = results
+    torch.testing.assert_close(loss_pack, loss_pad, rtol=1e-6, atol=0)
+    for name in grads_pad:
+        torch.testing.assert_close(grads_pack[name], grads_pad[name], rtol=1e-5, atol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize("family", ["olmoe", "mixtral"])
 def test_packed_load_balancing_loss_equals_padded_one(family):
     """transformers masks padding out of the router aux loss; packed rows have none, so the values agree."""
@@ -209,6 +235,10 @@ def test_fused_ce_selection_on_cuda_follows_what_is_installed():
         assert fallback.backend is None and reason in fallback.line
         with pytest.raises(ValueError, match=reason):
             choose_fused_ce("cce", model, cuda, available=lambda n: True, **kwargs)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
+    with pytest.raises(ValueError, match="bias"):
+        choose_fused_ce("cce", model, cuda, available=lambda n: True)
+    assert choose_fused_ce("auto", model, cuda, available=lambda n: n == "cce").backend is None
     model.config.final_logit_softcapping = 30.0
     assert "final_logit_softcapping" in choose_fused_ce("auto", model, cuda, available=lambda n: True).line
 

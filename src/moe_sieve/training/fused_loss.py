@@ -15,6 +15,7 @@ loss from the kernel. The reduction is the model's own: summed token losses over
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +44,9 @@ def _cce_kernel() -> Kernel:
     from cut_cross_entropy import linear_cross_entropy
 
     def kernel(weight, hidden, labels, bias):
-        extra = {} if bias is None else {"bias": bias}
-        return linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum", **extra)
+        if bias is not None:
+            raise ValueError("cut-cross-entropy takes no output-head bias")
+        return linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
     return kernel
 
@@ -77,6 +79,8 @@ def _obstacle(model: Any, device: torch.device, fsdp: bool, method: str, router_
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or not hasattr(model, "get_decoder"):
         return f"{type(model).__name__} has no plain linear output head after a decoder"
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__}.forward takes no logits_to_keep, so its head would build the logits anyway"
     config = getattr(model, "config", None)
     for cfg in (config, getattr(config, "text_config", None)):
         for name in _LOGIT_TRANSFORMS:
@@ -109,7 +113,12 @@ def choose_fused_ce(
         if choice != "auto":
             raise ValueError(f"--fused-ce {choice}: cannot be used because {obstacle}; use --fused-ce auto or off")
         return FusedCEChoice(None, f"moe-sieve: loss: {plain} (--fused-ce auto: no fused kernel, {obstacle})")
+    head_bias = getattr(model.get_output_embeddings(), "bias", None) is not None
     for name in wanted:
+        if name == "cce" and head_bias:  # cut-cross-entropy's linear_cross_entropy takes no bias
+            if choice == "cce":
+                raise ValueError("--fused-ce cce: the output head has a bias, which cut-cross-entropy cannot add")
+            continue
         if available(name):
             return FusedCEChoice(name, f"moe-sieve: loss: fused linear + cross-entropy ({name}); logits never built")
     installs = " or ".join(f"pip install {BACKENDS[name][1]}" for name in wanted)
