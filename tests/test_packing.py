@@ -178,6 +178,18 @@ def test_packed_equals_padded_at_depth_16():
         torch.testing.assert_close(grads_pack[name], grads_pad[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_packed_equals_padded_with_eager_attention():
+    """Eager attention takes its softmax in float32 even for a float64 model, so both layouts agree to that."""
+    model = _adapted("qwen3_moe")
+    model.set_attn_implementation("eager")
+    rows = _features(259, seed=8)
+    _, loss_pad, _, grads_pad = _run(model, dict(SFTCollator(pad_token_id=258)(rows)))
+    _, loss_pack, _, grads_pack = _run(model, dict(packing_collator(model)(rows)))
+    torch.testing.assert_close(loss_pack, loss_pad, rtol=1e-6, atol=0)
+    for name in grads_pad:
+        torch.testing.assert_close(grads_pack[name], grads_pad[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("family, why", [("gpt_oss", "without position_ids"), ("modulelist", "remote code")])
 def test_families_whose_packed_forward_leaks_are_refused(family, why):
     model = build_tiny(family) if family == "modulelist" else build_tiny(family, experts_implementation="eager")
@@ -341,3 +353,46 @@ def test_train_fused_ce_integration_gives_the_same_adapter(tmp_path, tiny_model_
     assert fused.metrics["loss_kernel"] == "liger" and plain.metrics["loss_kernel"] == "plain"
     assert fused.metrics["train_loss"] == pytest.approx(plain.metrics["train_loss"], rel=1e-5)
     _assert_same_adapter(adapter_plain, adapter_fused, atol=2e-5)
+
+
+# --- command line: refusals are one `Error:` line, before any work -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, extra, expected",
+    [
+        ("gpt_oss", ["--packing"], "--packing: model family 'gpt_oss' (model_type 'gpt_oss') cannot pack exactly"),
+        ("olmoe", ["--fused-ce", "liger"], "--fused-ce liger: cannot be used because its kernels are Triton GPU"),
+    ],
+)
+def test_cli_refusals_are_one_error_line(
+    family, extra, expected, monkeypatch, capsys, tmp_path, byte_tokenizer, copy_digits_jsonl
+):
+    import re
+
+    from .test_cli import run_cli
+
+    model_dir = tmp_path / family
+    build_tiny(family).save_pretrained(model_dir)
+    byte_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    args = ["train", "--model", model_dir, "--data", copy_digits_jsonl, "--out", out, "--max-steps", "1", *extra]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    errors = [line[line.index("Error:") :] for line in re.split(r"[\r\n]+", err) if "Error:" in line]
+    assert code == 2 and len(errors) == 1 and expected in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not (out / "config.json").exists() and not (out / "profile").exists()  # refused before any work
+
+
+def test_cli_plain_loss_fallback_is_logged(monkeypatch, capsys, tmp_path, tiny_model_dir, copy_digits_jsonl):
+    import json
+
+    from .test_cli import run_cli
+
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_model_dir, "--data", copy_digits_jsonl, "--out", out, "--max-steps", "1"]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--batch-size", "4", "--micro-batch-size", "4", "--packing")
+    assert code == 0, err[-2000:]
+    assert "moe-sieve: loss: plain cross-entropy on full logits (--fused-ce auto: no fused kernel, its" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["packing"] is True and metrics["loss_kernel"] == "plain"

@@ -443,6 +443,14 @@ def _train_locked(
     model = model if model is not None else load_model(spec)
     if config.packing:
         check_packing(model)
+    loss_choice = choose_fused_ce(  # before any work: an unusable --fused-ce kernel fails here
+        config.fused_ce,
+        model,
+        next(model.parameters()).device,
+        fsdp=bool(config.fsdp),
+        method=config.method,
+        router_aux_loss=config.router_aux_loss,
+    )
     given = _given_inputs(config, model)
     if state.is_main_process:  # every input is valid: from here on this directory is this run's
         atomic_write_json(work / "config.json", run_record(config))
@@ -483,14 +491,6 @@ def _train_locked(
     device = next(p for p in model.parameters()).device
     check_fsdp(config, device)
     use_bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
-    loss_choice = choose_fused_ce(
-        config.fused_ce,
-        model,
-        device,
-        fsdp=bool(config.fsdp),
-        method=config.method,
-        router_aux_loss=config.router_aux_loss,
-    )
     if state.is_main_process:
         print(loss_choice.line, file=sys.stderr)
     args = TrainingArguments(
