@@ -309,8 +309,12 @@ def test_routed_mini_preset_is_the_comparison_design():
     assert routed["routed-R4k2"][:3] == ("R", 4, 2)
     assert routed["routed-E"][::3] == ("E", "full") and routed["routed-E-hot-25"][::3] == ("E", "topk")
     assert t["routed-E-hot-25"]["k"] == "25%"
-    # the routed learning rate is one option of the routed conditions (one YAML anchor), mini.yaml's for now
-    assert {o["learning_rate"] for o in t.values()} == {mini.train["learning_rate"]}
+    # sieve conditions keep mini.yaml's rate; routed ones the per-variant rates of the README's measured sweep
+    assert {t[c].get("learning_rate", mini.train["learning_rate"]) for c in ("attention-only", "hot-25", "full")} == {
+        mini.train["learning_rate"]
+    }
+    rates = {"routed-S": 5e-3, "routed-D4": 3e-3, "routed-R4k2": 3e-3, "routed-E": 1e-2, "routed-E-hot-25": 1e-2}
+    assert {c: t[c]["learning_rate"] for c in rates} == rates
     assert config.train == mini.train and config.eval == mini.eval and config.tasks == mini.tasks
 
 
