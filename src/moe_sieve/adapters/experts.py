@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "SIEVE_EXPERTS_IMPLEMENTATION",
     "ExpertLoRA",
+    "compile_config",
     "grouped_mm",
     "is_fused_experts",
     "iter_fused_experts",
@@ -477,6 +478,16 @@ def sieve_lora_experts_forward(
     weights_T1K = top_k_weights_TK.to(out_TKH.dtype).unsqueeze(1)
     final_TH = torch.bmm(weights_T1K, out_TKH).squeeze(1)
     return final_TH.to(hidden_states.dtype).reshape(out_shape)
+
+
+def compile_config() -> Any:
+    """The dynamo settings under which the ``sieve_lora`` forward compiles with ``fullgraph=True``.
+
+    The rows routed to selected experts have a data-dependent count (``nonzero``), a graph break unless
+    dynamo captures dynamic-output-shape ops as unbacked sizes (torch's standard switch for MoE routing).
+    Use as ``with compile_config(): torch.compile(model, fullgraph=True)(...)``.
+    """
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
 
 
 def register_sieve_experts_implementation() -> None:
