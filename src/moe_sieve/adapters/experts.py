@@ -102,8 +102,10 @@ def _(x_S: torch.Tensor, grad_SO: torch.Tensor, offsets_G: torch.Tensor) -> torc
 
 
 def _grouped_mm_loop_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    # Like native autograd: keep x only for dW and w only for dx (a frozen weight's input is not kept).
     x_S, w_GIO, offsets_G = inputs
-    ctx.save_for_backward(x_S, w_GIO, offsets_G)
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(x_S if need_w else None, w_GIO if need_x else None, offsets_G)
 
 
 def _grouped_mm_loop_backward(ctx: Any, grad_SO: torch.Tensor) -> tuple:
@@ -383,6 +385,23 @@ class ExpertLoRA(nn.Module):
         )
 
 
+class _AddRows(torch.autograd.Function):
+    """``out.index_add_(0, rows, src)`` in place; unlike autograd's ``index_add_`` it does not keep ``src``
+    (an S_sel x out activation per projection) alive for the backward, only the row index."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, rows_R: torch.Tensor, src_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows_R)
+        out.index_add_(0, rows_R, src_R.to(out.dtype))
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (rows_R,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, rows_R)
+
+
 def sieve_lora_experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -452,8 +471,7 @@ def sieve_lora_experts_forward(
     if lora_on_all_rows:
         proj_S.add_(lora.gate_up_update(x_S, offsets_n).to(proj_S.dtype))
     elif sel_rows_R is not None:
-        update_R = lora.gate_up_update(_SelectRows.apply(x_S, sel_rows_R), offsets_n)
-        proj_S.index_add_(0, sel_rows_R, update_R.to(proj_S.dtype))
+        proj_S = _AddRows.apply(proj_S, sel_rows_R, lora.gate_up_update(_SelectRows.apply(x_S, sel_rows_R), offsets_n))
     h_S = self._apply_gate(proj_S) if has_gate else self.act_fn(proj_S)
 
     out_S = grouped_mm(h_S, self.down_proj if is_transposed else self.down_proj.transpose(-2, -1), offsets_E)
@@ -464,7 +482,7 @@ def sieve_lora_experts_forward(
     if lora_on_all_rows:
         out_S.add_(lora.down_update(h_S, offsets_n).to(out_S.dtype))
     elif sel_rows_R is not None:
-        out_S.index_add_(0, sel_rows_R, lora.down_update(_SelectRows.apply(h_S, sel_rows_R), offsets_n).to(out_S.dtype))
+        out_S = _AddRows.apply(out_S, sel_rows_R, lora.down_update(_SelectRows.apply(h_S, sel_rows_R), offsets_n))
     if getattr(self, "has_post_expert_norm", False):
         out_S = self.post_expert_norm(out_S)
     routed = getattr(self, "routed_adapter", None)  # Routed-PEFT variant E: adapter_e(x) beside expert e
