@@ -142,8 +142,11 @@ _CATEGORIES = [
     ("dtype/copy", r"^aten::(copy_|_to_copy|to|clone|contiguous)$"),
     ("index/gather/scatter", r"index|gather|scatter|embedding|take"),
     ("elementwise mul", r"^aten::mul_?$"),
-    ("other elementwise", r"^aten::(add|add_|sub|sub_|div|div_|silu|silu_backward|neg|pow|rsqrt|sigmoid|where|"
-     r"fill_|zero_|zeros_like|cat|stack|cos|sin|exp|threshold_backward|gelu|gelu_backward|clamp|clamp_|lerp_)$"),
+    (
+        "other elementwise",
+        r"^aten::(add|add_|sub|sub_|div|div_|silu|silu_backward|neg|pow|rsqrt|sigmoid|where|"
+        r"fill_|zero_|zeros_like|cat|stack|cos|sin|exp|threshold_backward|gelu|gelu_backward|clamp|clamp_|lerp_)$",
+    ),
     ("softmax/loss", r"softmax|nll_loss|cross_entropy"),
     ("sort/histc/cumsum/topk", r"^aten::(sort|histc|cumsum|topk|argsort|nonzero|arange)$"),
     ("reduction", r"^aten::(sum|mean|norm|max|amax)$"),
@@ -249,8 +252,7 @@ def _run_condition(args, condition: str, hot, counts_LE, input_ids, device, dtyp
     if condition in args.profile:
         result["profile"] = profile_table(step, args.profile_steps, device)
         sync()
-    del model, optimizer, params
-    return result
+    return result  # the model and optimizer go with this frame; release() then empties the cache
 
 
 def release(device: torch.device) -> None:
@@ -317,8 +319,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--conditions", default=DEFAULT_CONDITIONS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--base-backend", default=None, help="transformers experts backend of the base model "
-                        "(default: grouped_mm on CUDA, eager on CPU)")
+    parser.add_argument(
+        "--base-backend",
+        default=None,
+        help="transformers experts backend of the base model (default: grouped_mm on CUDA, eager on CPU)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: by device name)")
     parser.add_argument("--profile", default=None, help="conditions to profile with torch.profiler (comma-separated)")
     parser.add_argument("--keep-going", action="store_true", help="record a failing condition and go on")

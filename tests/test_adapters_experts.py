@@ -158,10 +158,7 @@ def reference_forward(module, lora, hidden_TH, top_k_index_TK, weights) -> torch
             mats = _math_weights(module, lora, e)
             if module.has_gate:
                 gate, up = mats["gate"] @ x, mats["up"] @ x
-                if module.is_concatenated:
-                    pre = torch.cat([gate, up])
-                else:
-                    pre = torch.stack([gate, up], dim=-1).flatten()
+                pre = torch.cat([gate, up]) if module.is_concatenated else torch.stack([gate, up], dim=-1).flatten()
                 if module.has_bias:
                     pre = pre + module.gate_up_proj_bias[e]
                 h = module._apply_gate(pre[None])[0]
@@ -512,7 +509,10 @@ def _model_with_lora(family: str, experts: str, **overrides) -> nn.Module:
     model = model.double()
     layers = find_moe_layers(model)
     num_experts = layers[0].num_experts
-    selection = {layer.layer_id: sorted({layer.layer_id % num_experts, (3 * layer.layer_id + 1) % num_experts}) for layer in layers}
+    selection = {
+        layer.layer_id: sorted({layer.layer_id % num_experts, (3 * layer.layer_id + 1) % num_experts})
+        for layer in layers
+    }
     config = SieveLoraConfig(r=R, alpha=ALPHA, dropout=0.0, seed=0, experts=experts)
     apply_sieve_lora(model, selection if experts == "selected" else None, config)
     if experts == "none":

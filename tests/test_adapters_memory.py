@@ -37,7 +37,9 @@ def _case(dtype: torch.dtype, ids: list[int]):
 @pytest.mark.parametrize("ids", [[], [2, 5, 11], list(range(NUM_E))], ids=["floor", "hot", "all"])
 def test_experts_saved_bytes_equal_the_measured_saved_tensors(dtype: torch.dtype, ids: list[int]) -> None:
     module, hidden, index, weights = _case(dtype, ids)
-    meter = SavedTensorMeter(exclude=[*module.parameters(), *getattr(module, "sieve_lora", torch.nn.Module()).parameters()])
+    meter = SavedTensorMeter(
+        exclude=[*module.parameters(), *getattr(module, "sieve_lora", torch.nn.Module()).parameters()]
+    )
     with meter:
         out = sieve_lora_experts_forward(module, hidden, index, weights)
     predicted = sieve_experts_saved_bytes(
@@ -74,9 +76,7 @@ def test_training_state_bytes_equal_params_grads_and_adamw_states() -> None:
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     grads = sum(p.grad.nbytes for p in trainable)
-    states = sum(
-        t.nbytes for state in optimizer.state.values() for name, t in state.items() if name != "step"
-    )
+    states = sum(t.nbytes for state in optimizer.state.values() for name, t in state.items() if name != "step")
     params = sum(p.nbytes for p in model.parameters())
     assert predicted["grads"] == grads and predicted["optimizer_states"] == states
     assert predicted["frozen_params"] + predicted["trainable_params"] == params

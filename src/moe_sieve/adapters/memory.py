@@ -124,4 +124,3 @@ class SavedTensorMeter:
 
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
-
