@@ -2,6 +2,7 @@
 
     python benchmarks/profile_overhead.py                      # small OLMoE shape, CPU-friendly
     python benchmarks/profile_overhead.py --preset olmoe-1b-7b # the paper's OLMoE-1B-7B shape (GPU)
+    python benchmarks/profile_overhead.py --preset qwen3-30b-a3b-16l --batch-size 8 --seq-len 512
 
 The model has random weights (routing geometry is what matters for the cost of counting). Plain and
 profiled passes alternate, so clock drift hits both; the script prints median times and their ratio.
@@ -11,17 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-from _shapes import PRESETS, build_olmoe
+from _shapes import PRESETS, build_model
 
 from moe_sieve.arch import find_moe_layers, get_arch
 from moe_sieve.profiling import RoutingRecorder
 from moe_sieve.profiling.profiler import _forward_kwargs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -30,14 +33,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--experts-implementation", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--markdown", type=Path, default=None, help="append a markdown table row block here")
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = build_olmoe(args.preset, args.seq_len, args.experts_implementation).to(device=device, dtype=dtype).eval()
+    model = build_model(args.preset, args.seq_len, args.experts_implementation, device=device, dtype=dtype).eval()
     config = model.config
     layers = find_moe_layers(model)
-    input_ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=gen).to(device)
     attention_mask = torch.ones_like(input_ids)
     count_mask = torch.ones(args.batch_size, args.seq_len, dtype=torch.bool)
     kwargs = _forward_kwargs(model)
@@ -70,13 +75,27 @@ def main() -> None:
     tokens = args.batch_size * args.seq_len
     plain_med, prof_med = statistics.median(plain_s), statistics.median(profiled_s)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(
-        f"device {name} | preset {args.preset} | {dtype} | batch {args.batch_size}x{args.seq_len} "
-        f"| experts backend {config._experts_implementation}"
+    header = (
+        f"device {name} | torch {torch.__version__} | preset {args.preset} | {dtype} | "
+        f"batch {args.batch_size}x{args.seq_len} | experts backend {config._experts_implementation}"
     )
+    ratio = prof_med / plain_med
+    print(header)
     print(f"plain forward    {plain_med * 1e3:9.2f} ms  ({tokens / plain_med:,.0f} tok/s)")
     print(f"profiled forward {prof_med * 1e3:9.2f} ms  ({tokens / prof_med:,.0f} tok/s)")
-    print(f"overhead ratio   {prof_med / plain_med:9.3f}x  (target <= 1.05x)")
+    print(f"overhead ratio   {ratio:9.3f}x  (target <= 1.02x)")
+    if args.markdown:
+        command = " ".join(["python benchmarks/profile_overhead.py", *(argv if argv is not None else sys.argv[1:])])
+        text = (
+            f"`{command}`  \n{header}, median of {args.repeats} alternating pairs\n\n"
+            "| forward | ms | tokens/s |\n|---|---:|---:|\n"
+            f"| plain | {plain_med * 1e3:.2f} | {tokens / plain_med:,.0f} |\n"
+            f"| profiled | {prof_med * 1e3:.2f} | {tokens / prof_med:,.0f} |\n\n"
+            f"Overhead: {ratio:.3f}x (target <= 1.02x)\n"
+        )
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+    return {"plain_s": plain_med, "profiled_s": prof_med, "ratio": ratio}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "SIEVE_EXPERTS_IMPLEMENTATION",
     "ExpertLoRA",
+    "compile_config",
     "grouped_mm",
     "is_fused_experts",
     "iter_fused_experts",
@@ -37,7 +38,7 @@ _NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _native_strides_ok(t: torch.Tensor) -> bool:
     """The grouped GEMM kernels need 16-byte aligned data and one unit stride among the last two dims."""
-    if t.data_ptr() % 16:
+    if not torch.compiler.is_compiling() and t.data_ptr() % 16:  # fake tensors under compile have no data
         return False
     align = 16 // t.element_size()
     s_in, s_out = t.stride(-2), t.stride(-1)
@@ -49,8 +50,13 @@ def _native_strides_ok(t: torch.Tensor) -> bool:
 
 
 def _can_use_native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Native grouped GEMM only on CUDA with half/float dtypes (CPU has no float64 kernel and no need)."""
+    """Native grouped GEMM only on CUDA with half/float dtypes (CPU has no float64 kernel and no need).
+
+    Under ``torch.compile`` inductor lowers the native op for bf16 only (as in transformers' own check).
+    """
     if w.device.type != "cuda" or w.dtype not in _NATIVE_DTYPES:
+        return False
+    if torch.compiler.is_compiling() and w.dtype != torch.bfloat16:
         return False
     major, minor = torch.cuda.get_device_capability(w.device)
     if hasattr(F, "grouped_mm"):
@@ -61,33 +67,122 @@ def _can_use_native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _native_strides_ok(x) and _native_strides_ok(w)
 
 
+# The loop fallback is a custom op so that torch.compile(fullgraph=True) treats it as one opaque node
+# (its ``offsets.tolist()`` would otherwise be a data-dependent graph break), as transformers does.
+@torch.library.custom_op("moe_sieve::grouped_mm_loop", mutates_args=())
+def _grouped_mm_loop(x_S: torch.Tensor, w_GIO: torch.Tensor, offsets_G: torch.Tensor) -> torch.Tensor:
+    out = x_S.new_zeros(x_S.shape[0], w_GIO.shape[-1])
+    start = 0
+    for g, end in enumerate(offsets_G.tolist()):  # one host sync
+        if end > start:
+            torch.mm(x_S[start:end], w_GIO[g], out=out[start:end])
+            start = end
+    return out
+
+
+@_grouped_mm_loop.register_fake
+def _(x_S: torch.Tensor, w_GIO: torch.Tensor, offsets_G: torch.Tensor) -> torch.Tensor:
+    return x_S.new_empty(x_S.shape[0], w_GIO.shape[-1])
+
+
+@torch.library.custom_op("moe_sieve::grouped_mm_loop_weight_grad", mutates_args=())
+def _grouped_mm_loop_weight_grad(x_S: torch.Tensor, grad_SO: torch.Tensor, offsets_G: torch.Tensor) -> torch.Tensor:
+    grad_GIO = x_S.new_zeros(offsets_G.shape[0], x_S.shape[-1], grad_SO.shape[-1])
+    start = 0
+    for g, end in enumerate(offsets_G.tolist()):
+        if end > start:
+            torch.mm(x_S[start:end].T, grad_SO[start:end], out=grad_GIO[g])
+            start = end
+    return grad_GIO
+
+
+@_grouped_mm_loop_weight_grad.register_fake
+def _(x_S: torch.Tensor, grad_SO: torch.Tensor, offsets_G: torch.Tensor) -> torch.Tensor:
+    return x_S.new_empty(offsets_G.shape[0], x_S.shape[-1], grad_SO.shape[-1])
+
+
+def _grouped_mm_loop_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    # Like native autograd: keep x only for dW and w only for dx (a frozen weight's input is not kept).
+    x_S, w_GIO, offsets_G = inputs
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(x_S if need_w else None, w_GIO if need_x else None, offsets_G)
+
+
+def _grouped_mm_loop_backward(ctx: Any, grad_SO: torch.Tensor) -> tuple:
+    x_S, w_GIO, offsets_G = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:  # rows past the end got zeros in the forward, so their grad is zero too
+        grad_x = _grouped_mm_loop(grad_SO.contiguous(), w_GIO.transpose(-2, -1), offsets_G)
+    if ctx.needs_input_grad[1]:  # frozen base weights skip their dW entirely
+        grad_w = _grouped_mm_loop_weight_grad(x_S, grad_SO.contiguous(), offsets_G)
+    return grad_x, grad_w, None
+
+
+_grouped_mm_loop.register_autograd(_grouped_mm_loop_backward, setup_context=_grouped_mm_loop_setup)
+
+
 def grouped_mm(x_S: torch.Tensor, w_GIO: torch.Tensor, offsets_G: torch.Tensor) -> torch.Tensor:
-    """Row-grouped ``x @ w[g]``: rows ``[offsets[g-1], offsets[g])`` use ``w[g]``; rows past the end are 0.
+    """Row-grouped ``x @ w[g]``: rows ``[offsets[g-1], offsets[g])`` use ``w[g]``.
 
     ``x_S`` is [S, in] (cast to ``w``'s dtype), ``w_GIO`` [G, in, out], ``offsets_G`` int32 cumulative ends.
-    Uses ``torch.nn.functional.grouped_mm`` where a kernel exists, else one host sync and a loop of ``mm``s,
-    which autograd differentiates like any other op.
+    Uses ``torch.nn.functional.grouped_mm`` where a kernel exists (rows past the end are then left
+    uninitialised), else a custom op looping over ``mm``s (rows past the end are 0) that skips the weight
+    gradient of frozen weights and stays one node under ``torch.compile``.
     """
     x_S = x_S.to(w_GIO.dtype)
-    num_rows, out_dim = x_S.shape[0], w_GIO.shape[-1]
-    if num_rows == 0:
-        return x_S.new_zeros(0, out_dim)
     if _can_use_native_grouped_mm(x_S, w_GIO):
         offsets_G = offsets_G.to(torch.int32)
         if hasattr(F, "grouped_mm"):
-            out = F.grouped_mm(x_S, w_GIO, offs=offsets_G)
-        else:
-            out = torch._grouped_mm(x_S, w_GIO, offs=offsets_G)
-        return out
-    chunks: list[torch.Tensor] = []
-    start = 0
-    for w_IO, end in zip(w_GIO.unbind(0), offsets_G.tolist(), strict=True):
-        if end > start:
-            chunks.append(x_S[start:end] @ w_IO)
-            start = end
-    if start < num_rows:
-        chunks.append(x_S.new_zeros(num_rows - start, out_dim))
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            return F.grouped_mm(x_S, w_GIO, offs=offsets_G)
+        return torch._grouped_mm(x_S, w_GIO, offs=offsets_G)
+    return _grouped_mm_loop(x_S, w_GIO, offsets_G)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``hidden_TH[token_S]`` for the expert-sorted rows; the backward sums each token's K row gradients
+    through the inverse permutation (a gather + K-sum: no sorted ``index_put_`` accumulate, deterministic)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden_TH: torch.Tensor, token_S: torch.Tensor, inv_perm_S: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv_perm_S)
+        ctx.num_tokens = hidden_TH.shape[0]
+        return hidden_TH.index_select(0, token_S)
+
+    @staticmethod
+    def backward(ctx: Any, grad_SH: torch.Tensor) -> tuple:
+        (inv_perm_S,) = ctx.saved_tensors
+        grad_TKH = grad_SH.index_select(0, inv_perm_S).view(ctx.num_tokens, -1, grad_SH.shape[-1])
+        return grad_TKH.sum(dim=1), None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``: the backward is a gather too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _SelectRows(torch.autograd.Function):
+    """``x[rows]`` for distinct ``rows``; the backward writes into zeros with ``index_copy_`` (no sort, no atomics)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows_R)
+        ctx.num_rows = x.shape[0]
+        return x.index_select(0, rows_R)
+
+    @staticmethod
+    def backward(ctx: Any, grad_R: torch.Tensor) -> tuple:
+        (rows_R,) = ctx.saved_tensors
+        grad = grad_R.new_zeros(ctx.num_rows, *grad_R.shape[1:])
+        return grad.index_copy_(0, rows_R, grad_R), None
 
 
 class ExpertLoRA(nn.Module):
@@ -218,28 +313,42 @@ class ExpertLoRA(nn.Module):
     def _low_rank(
         self, x_R: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, offsets_n: torch.Tensor
     ) -> torch.Tensor:
-        a_R = grouped_mm(x_R, lora_A.transpose(1, 2), offsets_n) * self.scaling
-        return grouped_mm(a_R, lora_B.transpose(1, 2), offsets_n)
+        a_R = grouped_mm(x_R, lora_A.transpose(1, 2), offsets_n)
+        return grouped_mm(a_R, (lora_B * self.scaling).transpose(1, 2), offsets_n)
+
+    def _gate_up_B(self) -> torch.Tensor:
+        """``s * blockdiag(B_gate, B_up)`` as [n, 2r, 2I] in the module's column order (gate|up or interleaved).
+
+        One grouped GEMM with it writes the whole gate_up update: no per-half GEMMs, slices or ``cat`` of
+        activations; it costs twice the B FLOPs, which are r/H of the base GEMM's.
+        """
+        gate_rI = (self.gate_B * self.scaling).transpose(1, 2)
+        up_rI = (self.up_B * self.scaling).transpose(1, 2)
+        zeros = torch.zeros_like(gate_rI)
+        if self.is_concatenated:
+            top, bottom = torch.cat([gate_rI, zeros], dim=-1), torch.cat([zeros, up_rI], dim=-1)
+        else:
+            top = torch.stack([gate_rI, zeros], dim=-1).flatten(-2)
+            bottom = torch.stack([zeros, up_rI], dim=-1).flatten(-2)
+        return torch.cat([top, bottom], dim=1)
 
     def gate_up_update(self, x_R: torch.Tensor, offsets_n: torch.Tensor) -> torch.Tensor:
         """``s B A x`` for the gate_up (or up) pre-activation, columns in the experts module's order.
 
         ``x_R`` holds the rows routed to selected experts, grouped by slot with cumulative ends ``offsets_n``.
-        Without dropout gate and up share one GEMM over the stacked ``A``s, reading ``x_R`` once.
+        Without dropout gate and up share one GEMM over the stacked ``A``s (reading ``x_R`` once) and one
+        over the block-diagonal ``B``s.
         """
         if not self.has_gate:
             return self._low_rank(self.dropout(x_R), self.up_A, self.up_B, offsets_n)
         if self._dropout_active():
             gate_R = self._low_rank(self.dropout(x_R), self.gate_A, self.gate_B, offsets_n)
             up_R = self._low_rank(self.dropout(x_R), self.up_A, self.up_B, offsets_n)
-        else:
-            stacked_A = torch.cat([self.gate_A, self.up_A], dim=1).transpose(1, 2)
-            a_R = grouped_mm(x_R, stacked_A, offsets_n) * self.scaling
-            gate_R = grouped_mm(a_R[:, : self.r].contiguous(), self.gate_B.transpose(1, 2), offsets_n)
-            up_R = grouped_mm(a_R[:, self.r :].contiguous(), self.up_B.transpose(1, 2), offsets_n)
-        if self.is_concatenated:
-            return torch.cat([gate_R, up_R], dim=-1)
-        return torch.stack([gate_R, up_R], dim=-1).flatten(-2)
+            if self.is_concatenated:
+                return torch.cat([gate_R, up_R], dim=-1)
+            return torch.stack([gate_R, up_R], dim=-1).flatten(-2)
+        stacked_A = torch.cat([self.gate_A, self.up_A], dim=1).transpose(1, 2)  # [n, H, 2r]
+        return grouped_mm(grouped_mm(x_R, stacked_A, offsets_n), self._gate_up_B(), offsets_n)
 
     def down_update(self, h_R: torch.Tensor, offsets_n: torch.Tensor) -> torch.Tensor:
         """``s B A h`` for the down projection of the rows routed to selected experts."""
@@ -276,17 +385,36 @@ class ExpertLoRA(nn.Module):
         )
 
 
+class _AddRows(torch.autograd.Function):
+    """``out.index_add_(0, rows, src)`` in place; unlike autograd's ``index_add_`` it does not keep ``src``
+    (an S_sel x out activation per projection) alive for the backward, only the row index."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, rows_R: torch.Tensor, src_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows_R)
+        out.index_add_(0, rows_R, src_R.to(out.dtype))
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (rows_R,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, rows_R)
+
+
 def sieve_lora_experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Experts forward (base + ``self.sieve_lora``) for any ``@use_experts_implementation`` module.
+    """Experts forward (base + ``self.sieve_lora``, or base alone) for any ``@use_experts_implementation`` module.
 
-    Follows transformers' grouped_mm forward: (token, k) pairs are sorted by expert and each projection is
-    one grouped GEMM. The LoRA update is added in activation space to the rows of selected experts only,
-    gathered once per call, so ``W + s B A`` is never materialised and cold experts add no work.
+    (token, k) pairs are sorted by expert once, each projection is one grouped GEMM over them, and one
+    inverse-permutation gather plus one batched GEMM applies the routing weights and sums over k. The LoRA
+    update is added in activation space to the rows of selected experts only (gathered once per call), so
+    ``W + s B A`` is never materialised and cold experts add no work. Expert-parallel sentinel rows are
+    masked only when the module is expert-parallel; without LoRA this is a drop-in base experts backend.
     """
     lora: ExpertLoRA | None = getattr(self, "sieve_lora", None)
     num_experts = self.num_experts
@@ -294,50 +422,56 @@ def sieve_lora_experts_forward(
     is_transposed = self.is_transposed
     has_bias = self.has_bias
     out_shape = hidden_states.shape
-    hidden_states = hidden_states.reshape(-1, out_shape[-1])
+    hidden_TH = hidden_states.reshape(-1, out_shape[-1])
     num_top_k = top_k_index.shape[-1]
     top_k_index_TK = top_k_index.reshape(-1, num_top_k)
-    top_k_weights_TK = top_k_weights.reshape(top_k_index_TK.shape[0], -1)
+    num_tokens = hidden_TH.shape[0]
+    top_k_weights_TK = top_k_weights.reshape(num_tokens, -1)
     if top_k_weights_TK.shape[-1] != num_top_k and top_k_weights_TK.shape[-1] == num_experts:
         top_k_weights_TK = top_k_weights_TK.gather(-1, top_k_index_TK.clamp(max=num_experts - 1))
-    num_tokens = hidden_states.shape[0]
-    device = hidden_states.device
+    device = hidden_TH.device
+    w_in = self.gate_up_proj if has_gate else self.up_proj
+    compute_dtype = w_in.dtype
 
     expert_ids_S, perm_S = torch.sort(top_k_index_TK.reshape(-1))
-    x_S = hidden_states[perm_S // num_top_k]
-    weights_S = top_k_weights_TK.reshape(-1)[perm_S]
+    inv_perm_S = torch.empty_like(perm_S)
+    inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=device)
+    # Cast on the T token rows, before the gather makes S = T*K of them (a no-op when dtypes agree).
+    x_S = _GatherTokens.apply(hidden_TH.to(compute_dtype), perm_S // num_top_k, inv_perm_S)
     histc_input = expert_ids_S.float() if device.type in ("cpu", "mps") else expert_ids_S.int()
     tokens_per_expert_E = torch.histc(histc_input, bins=num_experts, min=0, max=num_experts - 1)
     offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
 
-    # transformers 5.17 always treats ids >= num_experts as EP sentinels; 5.23 only when expert-parallel.
+    # Expert-parallel sentinels (ids >= num_experts) sort to the tail, past offsets_E[-1]: the grouped GEMM
+    # skips them, and masking zeroes their uninitialised rows. transformers 5.17 always did this (the 14%
+    # ``masked_fill`` of issue 12's profile); 5.23 sets ``_is_expert_parallel`` and we skip it without EP.
     sentinel_S1 = None
     if getattr(self, "_is_expert_parallel", True):
         sentinel_S1 = (expert_ids_S >= num_experts).unsqueeze(-1)
         expert_ids_S = expert_ids_S.clamp(max=num_experts - 1)
         x_S.masked_fill_(sentinel_S1, 0.0)
-        weights_S = weights_S.masked_fill(sentinel_S1.squeeze(-1), 0.0)
 
     sel_rows_R = offsets_n = None
+    lora_on_all_rows = False
     if lora is not None and lora.num_selected > 0:
-        selected_S = lora.slot_of_expert[expert_ids_S] >= 0
-        if sentinel_S1 is not None:
-            selected_S &= ~sentinel_S1.squeeze(-1)
-        sel_rows_R = selected_S.nonzero().squeeze(-1)
-        if sel_rows_R.numel() == 0:
-            sel_rows_R = None
+        if lora.num_selected == num_experts and sentinel_S1 is None:
+            lora_on_all_rows, offsets_n = True, offsets_E  # every row is selected: no gather, no host sync
         else:
+            selected_S = lora.slot_of_expert[expert_ids_S] >= 0
+            if sentinel_S1 is not None:
+                selected_S &= ~sentinel_S1.squeeze(-1)
+            sel_rows_R = selected_S.nonzero().squeeze(-1)  # data-dependent size: one host sync
             offsets_n = torch.cumsum(tokens_per_expert_E[lora.expert_ids], dim=0, dtype=torch.int32)
 
-    w_in = self.gate_up_proj if has_gate else self.up_proj
     proj_S = grouped_mm(x_S, w_in if is_transposed else w_in.transpose(-2, -1), offsets_E)
     if has_bias:
         proj_S.add_((self.gate_up_proj_bias if has_gate else self.up_proj_bias)[expert_ids_S])
     if sentinel_S1 is not None:
         proj_S.masked_fill_(sentinel_S1, 0.0)
-    if sel_rows_R is not None:
-        update_R = lora.gate_up_update(x_S[sel_rows_R], offsets_n)
-        proj_S.index_add_(0, sel_rows_R, update_R.to(proj_S.dtype))
+    if lora_on_all_rows:
+        proj_S.add_(lora.gate_up_update(x_S, offsets_n).to(proj_S.dtype))
+    elif sel_rows_R is not None:
+        proj_S = _AddRows.apply(proj_S, sel_rows_R, lora.gate_up_update(_SelectRows.apply(x_S, sel_rows_R), offsets_n))
     h_S = self._apply_gate(proj_S) if has_gate else self.act_fn(proj_S)
 
     out_S = grouped_mm(h_S, self.down_proj if is_transposed else self.down_proj.transpose(-2, -1), offsets_E)
@@ -345,20 +479,33 @@ def sieve_lora_experts_forward(
         out_S.add_(self.down_proj_bias[expert_ids_S])
     if sentinel_S1 is not None:
         out_S.masked_fill_(sentinel_S1, 0.0)
-    if sel_rows_R is not None:
-        out_S.index_add_(0, sel_rows_R, lora.down_update(h_S[sel_rows_R], offsets_n).to(out_S.dtype))
+    if lora_on_all_rows:
+        out_S.add_(lora.down_update(h_S, offsets_n).to(out_S.dtype))
+    elif sel_rows_R is not None:
+        out_S = _AddRows.apply(out_S, sel_rows_R, lora.down_update(_SelectRows.apply(h_S, sel_rows_R), offsets_n))
     if getattr(self, "has_post_expert_norm", False):
         out_S = self.post_expert_norm(out_S)
     routed = getattr(self, "routed_adapter", None)  # Routed-PEFT variant E: adapter_e(x) beside expert e
     if routed is not None:
         out_S = routed.expert_update(out_S, x_S, expert_ids_S, tokens_per_expert_E, sentinel_S1)
+    if sentinel_S1 is not None:  # sentinel rows may hold NaN (uninitialised * 0 would stay NaN)
+        out_S = out_S.masked_fill(sentinel_S1, 0.0)
 
-    weighted_S = out_S * weights_S.unsqueeze(-1)
-    inv_perm_S = torch.empty_like(perm_S)
-    inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=device)
-    # reshape+sum (not index_add_) as transformers: deterministic, fp32-accumulated for half dtypes.
-    final = weighted_S[inv_perm_S].view(num_tokens, num_top_k, -1).sum(dim=1)
-    return final.to(hidden_states.dtype).reshape(out_shape)
+    # Back to (token, k) order, then weight and sum over k in one batched GEMM (fp32-accumulated, deterministic).
+    out_TKH = _PermuteRows.apply(out_S, inv_perm_S, perm_S).view(num_tokens, num_top_k, -1)
+    weights_T1K = top_k_weights_TK.to(out_TKH.dtype).unsqueeze(1)
+    final_TH = torch.bmm(weights_T1K, out_TKH).squeeze(1)
+    return final_TH.to(hidden_states.dtype).reshape(out_shape)
+
+
+def compile_config() -> Any:
+    """The dynamo settings under which the ``sieve_lora`` forward compiles with ``fullgraph=True``.
+
+    The rows routed to selected experts have a data-dependent count (``nonzero``), a graph break unless
+    dynamo captures dynamic-output-shape ops as unbacked sizes (torch's standard switch for MoE routing).
+    Use as ``with compile_config(): torch.compile(model, fullgraph=True)(...)``.
+    """
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
 
 
 def register_sieve_experts_implementation() -> None:
