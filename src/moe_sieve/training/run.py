@@ -27,6 +27,7 @@ from .._io import (
 )
 from .._version import __version__
 from ..adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter
+from ..adapters.io import gather_factors
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from ..profiling import Profile, profile_model
@@ -577,11 +578,13 @@ def _train_locked(
         metrics["routing_drift"] = monitor.summary(wall)
         if state.is_main_process:
             print(monitor.overhead_line(wall), file=sys.stderr)
+    factors = gather_factors(model)  # every process: under FSDP the factors are shards, gathered collectively
     if state.is_main_process:
         save_sieve_adapter(
             model,
             work / "adapter",
             overwrite=True,
+            factors=factors,
             base_model=config.model,
             extra={
                 "selection": None if selection is None else str(run_dir / "selection.json"),
