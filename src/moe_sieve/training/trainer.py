@@ -97,7 +97,12 @@ class SieveTrainer(Trainer):
     def _prepare_for_training(self, *args: Any, **kwargs: Any):
         prepared = super()._prepare_for_training(*args, **kwargs)
         if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
-            check_sharded(self.model)
+            count = check_sharded(self.model)
+            if self.args.should_save:
+                print(
+                    f"moe-sieve: FSDP2 sharded {count} trainable tensors over {self.args.world_size} processes",
+                    file=sys.stderr,
+                )
         return prepared
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
