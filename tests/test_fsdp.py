@@ -36,7 +36,7 @@ def _assert_close(got, want, tol=5e-5):
     """Float tolerance: sharded reductions (reduce-scatter, per-shard AdamW) round differently."""
     assert got.keys() == want.keys()
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=tol, msg=key)
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_fsdp2_train_on_two_cpu_processes_matches_one_checkpoints_adapter_only_and_resumes(
@@ -79,7 +79,8 @@ def test_fsdp2_train_on_two_cpu_processes_matches_one_checkpoints_adapter_only_a
     weights = sorted(p.name for p in checkpoint.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
     assert weights == ["adapter.safetensors", "optimizer.bin", "rng_state_0.pth", "rng_state_1.pth", "scheduler.pt"]
     factors = load_file(checkpoint / "adapter.safetensors")
-    assert sum(t.numel() for t in factors.values()) == json.loads((one / "metrics.json").read_text())["trainable_params"]
+    trainable = json.loads((one / "metrics.json").read_text())["trainable_params"]
+    assert sum(t.numel() for t in factors.values()) == trainable
     assert not any(name.endswith(("embed_tokens.weight", "lm_head.weight", "q_proj.weight")) for name in factors)
     optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
     assert sorted(optimizer["state"]) == sorted(factors)  # keyed by name, full (unsharded) moments
@@ -108,9 +109,9 @@ def test_fsdp2_train_on_two_cpu_processes_matches_one_checkpoints_adapter_only_a
 def _config(model_dir, tmp_path, **kwargs):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": " b"}\n' * 8)
-    settings = {"batch_size": 4, "micro_batch_size": 4, "max_steps": 1, "monitor_every": 0, **kwargs}
+    settings = {"device": "cpu", "batch_size": 4, "micro_batch_size": 4, "max_steps": 1, "monitor_every": 0, **kwargs}
     return TrainConfig(
-        model=str(model_dir), data=str(data), out=str(tmp_path / f"r{len(kwargs)}"), device="cpu", fsdp="full_shard", **settings
+        model=str(model_dir), data=str(data), out=str(tmp_path / f"r{len(kwargs)}"), fsdp="full_shard", **settings
     )
 
 
@@ -118,6 +119,7 @@ def test_train_refuses_fsdp_on_one_cpu_process_and_with_reselect(tiny_model_dir,
     with pytest.raises(ValueError) as err:
         train(_config(tiny_model_dir, tmp_path))
     assert str(err.value) == FSDP_NEEDS_PROCESSES
+    assert not (tmp_path / "r0" / "config.json").exists()  # refused before any work
     with pytest.raises(ValueError, match="--reselect grow cannot run under --fsdp"):
         train(_config(tiny_model_dir, tmp_path, reselect="grow", monitor_every=1))
 

@@ -430,7 +430,7 @@ def _train_locked(
         trust_remote_code=config.trust_remote_code,
         experts_implementation=config.experts_implementation,
     )
-    resolve_device(spec.device)
+    check_fsdp(config, resolve_device(spec.device))
     # Cheap inputs first: a typo in --data fails before a large model is loaded.
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     examples = load_sft_examples(
@@ -490,7 +490,6 @@ def _train_locked(
             f"x {world} processes"
         )
     device = next(p for p in model.parameters()).device
-    check_fsdp(config, device)
     use_bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
     if state.is_main_process:
         print(loss_choice.line, file=sys.stderr)

@@ -20,6 +20,10 @@ FSDP_NEEDS_PROCESSES = (
     "--fsdp on CPU needs two or more processes over gloo (accelerate launch --num_processes N, or torchrun "
     "--nproc_per_node N); a single process has nothing to shard over"
 )
+RAM_EFFICIENT_ON_CPU = (
+    "accelerate launch --use_fsdp on CPU: add --fsdp_cpu_ram_efficient_loading false (its default, true, moves "
+    "the model to 'meta' and broadcasts it, not supported here), or pass --fsdp to train"
+)
 FSDP1_ON_CPU = "--fsdp on CPU runs FSDP2 (torch fully_shard) only; FSDP1 (fsdp_version 1) needs GPUs"
 
 
@@ -37,6 +41,8 @@ def check_fsdp(config: Any, device: Any) -> None:
             raise ValueError(FSDP_NEEDS_PROCESSES)
         if "offload" in (config.fsdp or "").split():
             raise ValueError("--fsdp offload on CPU: the parameters already live in CPU memory; drop 'offload'")
+        if not config.fsdp and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+            raise ValueError(RAM_EFFICIENT_ON_CPU)
 
 
 def _fsdp_env() -> bool:
@@ -73,7 +79,7 @@ def enable_cpu_fsdp(trainer: Any) -> None:
     if type(plugin.cpu_offload) is not OffloadPolicy:  # a CPUOffloadPolicy
         raise ValueError("--fsdp offload on CPU: the parameters already live in CPU memory; drop 'offload'")
     if plugin.cpu_ram_efficient_loading:
-        raise ValueError("fsdp cpu_ram_efficient_loading is not supported on CPU (it moves the model to 'meta')")
+        raise ValueError(RAM_EFFICIENT_ON_CPU)
     if state.mixed_precision != "no":
         raise ValueError(f"--fsdp on CPU trains in the model's dtype: no mixed precision ({state.mixed_precision})")
     state.fsdp_plugin = plugin
