@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from moe_sieve.cli import main
 from moe_sieve.training import TrainConfig, train
-from moe_sieve.training.sharding import FSDP1_ON_CPU, FSDP_NEEDS_PROCESSES, check_sharded, enable_cpu_fsdp
+from moe_sieve.training.sharding import FSDP1_REFUSED, FSDP_NEEDS_PROCESSES, check_sharded, enable_cpu_fsdp
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -136,9 +136,15 @@ def test_enable_cpu_fsdp_hands_accelerate_the_fsdp2_plugin_or_refuses():
     assert ok.accelerator.state.fsdp_plugin.fsdp_version == 2
     with pytest.raises(ValueError) as err:
         enable_cpu_fsdp(trainer(fsdp_version=1, reshard_after_forward="full_shard"))
-    assert str(err.value) == FSDP1_ON_CPU
+    assert str(err.value) == FSDP1_REFUSED
     with pytest.raises(ValueError, match="offload on CPU"):
         enable_cpu_fsdp(trainer(cpu_offload=True))
+    gpu = trainer()
+    gpu.accelerator.state.distributed_type = DistributedType.FSDP
+    gpu.accelerator.state.fsdp_plugin = SimpleNamespace(fsdp_version=1)
+    with pytest.raises(ValueError) as err:
+        enable_cpu_fsdp(gpu)
+    assert str(err.value) == FSDP1_REFUSED
     not_distributed = trainer()
     not_distributed.accelerator.state.distributed_type = DistributedType.NO
     with pytest.raises(ValueError, match="accelerate runs NO"):

@@ -24,7 +24,10 @@ RAM_EFFICIENT_ON_CPU = (
     "accelerate launch --use_fsdp on CPU: add --fsdp_cpu_ram_efficient_loading false (its default, true, moves "
     "the model to 'meta' and broadcasts it, not supported here), or pass --fsdp to train"
 )
-FSDP1_ON_CPU = "--fsdp on CPU runs FSDP2 (torch fully_shard) only; FSDP1 (fsdp_version 1) needs GPUs"
+FSDP1_REFUSED = (
+    "FSDP1 (fsdp_version 1) is not supported: moe-sieve shards with FSDP2 (torch fully_shard), whose DTensor "
+    "shards it gathers into adapter-only checkpoints; use accelerate launch --fsdp_version 2 (or --fsdp alone)"
+)
 
 
 def check_fsdp(config: Any, device: Any) -> None:
@@ -55,7 +58,8 @@ def fsdp_requested(args: Any) -> bool:
 
 
 def enable_cpu_fsdp(trainer: Any) -> None:
-    """Make a gloo/CPU Trainer shard with FSDP2, where accelerate would keep ``MULTI_CPU`` (see the module doc).
+    """Make a gloo/CPU Trainer shard with FSDP2, where accelerate would keep ``MULTI_CPU`` (see the module doc),
+    and refuse FSDP1 everywhere (its flat shards are not DTensors, so adapter-only checkpoints could not gather them).
 
     Called right after ``Trainer.create_accelerator_and_postprocess``; a no-op unless FSDP was requested.
     """
@@ -65,8 +69,10 @@ def enable_cpu_fsdp(trainer: Any) -> None:
     if not fsdp_requested(trainer.args):
         return
     state = trainer.accelerator.state
-    if state.distributed_type == DistributedType.FSDP:
-        return  # GPUs: accelerate already did it
+    if state.distributed_type == DistributedType.FSDP:  # GPUs: accelerate already did it
+        if state.fsdp_plugin.fsdp_version != 2:
+            raise ValueError(FSDP1_REFUSED)
+        return
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise ValueError(
             f"FSDP was requested but accelerate runs {state.distributed_type.value}; {FSDP_NEEDS_PROCESSES}"
@@ -75,7 +81,7 @@ def enable_cpu_fsdp(trainer: Any) -> None:
         **(trainer.args.fsdp_plugin_args or {})  # empty: read from accelerate launch's FSDP_* environment
     )
     if plugin.fsdp_version != 2:
-        raise ValueError(FSDP1_ON_CPU)
+        raise ValueError(FSDP1_REFUSED)
     if type(plugin.cpu_offload) is not OffloadPolicy:  # a CPUOffloadPolicy
         raise ValueError("--fsdp offload on CPU: the parameters already live in CPU memory; drop 'offload'")
     if plugin.cpu_ram_efficient_loading:

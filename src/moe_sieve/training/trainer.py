@@ -96,7 +96,7 @@ class SieveTrainer(Trainer):
 
     def _prepare_for_training(self, *args: Any, **kwargs: Any):
         prepared = super()._prepare_for_training(*args, **kwargs)
-        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
+        if self.is_fsdp_enabled:  # FSDP2 only (enable_cpu_fsdp refuses FSDP1)
             count = check_sharded(self.model)
             if self.args.should_save:
                 print(
@@ -153,7 +153,7 @@ class SieveTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """transformers' FSDP branch also writes the full model (``save_fsdp_model``); keep the checkpoint
-        adapter-only: the optimizer state (of the trainable factors only, gathered by accelerate) and the schedule."""
+        adapter-only: accelerate's FSDP optimizer state (it holds the trainable factors only) and the schedule."""
         if not self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
         from accelerate.utils import save_fsdp_optimizer
