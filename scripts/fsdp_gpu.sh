@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # FSDP2 `train` on 2 GPUs vs 1 GPU on the embedded model, then compare the adapters (needs >= 2 CUDA devices).
-# Not run in CI: accelerate only shards GPU-type process groups (see moe_sieve/training/sharding.py).
-# NOT YET RUN: no GPU was available when this was written, and the adapter-only save/load of SieveTrainer still
-# reads parameters directly (FSDP2 DTensor shards), so expect to gather them (DTensor.full_tensor) there first.
+# The CPU version of this comparison (2 gloo processes, kill + --resume, adapter-only checkpoints) runs in CI:
+# tests/test_fsdp.py. On GPUs accelerate itself switches to FSDP (no moe_sieve/training/sharding.py hand-over);
+# the adapter gathering (DTensor.full_tensor) and re-sharding on --resume are the same code as on CPU.
+# NOT YET RUN: no GPU was available when this was written.
 set -euo pipefail
 OUT=${1:-runs/fsdp-gpu}
 MODEL=$(python -c "from moe_sieve.demo import default_model_path; print(default_model_path())")

@@ -180,7 +180,11 @@ def test_nan_loss_stops_with_step(tiny_model_dir, toy_data, tmp_path):
 
 
 def test_two_process_ddp_training_and_profiling_match_single_process(tiny_model_dir, toy_data, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     cmd = [
         sys.executable,
         "-m",

@@ -62,15 +62,30 @@ def adapter_config(model: nn.Module, base_model: str | None = None, extra: dict 
     }
 
 
-def save_factors(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the trainable LoRA factors (by module path) to one safetensors file, atomically."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+def gather_factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable factors as full CPU tensors. FSDP2 shards them (DTensor): gathering them is a collective,
+    so under FSDP every process must call this, and the main one writes the result."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+        for name, p in trainable_parameters(model).items()
+    }
+
+
+def save_factors(model: nn.Module, path: str | os.PathLike, factors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the trainable LoRA factors (by module path) to one safetensors file, atomically; ``factors`` are
+    the ones :func:`gather_factors` gathered from a sharded model."""
+    tensors = gather_factors(model) if factors is None else factors
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "moe-sieve-adapter"})
 
 
 def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
-    """Copy saved factors into an adapted model; every trainable tensor must be present with its shape."""
+    """Copy saved factors into an adapted model (sharded by FSDP2 or not); every trainable tensor must be
+    present with its shape."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     tensors = read_safetensors(path)
     params = trainable_parameters(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
@@ -82,7 +97,10 @@ def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
                 raise ValueError(
                     f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
                 )
-            param.copy_(tensors[name])
+            if isinstance(param, DTensor):  # FSDP2: each process keeps its own shard of the saved tensor
+                param.copy_(distribute_tensor(tensors[name], param.device_mesh, param.placements, src_data_rank=None))
+            else:
+                param.copy_(tensors[name])
 
 
 def save_sieve_adapter(
@@ -92,11 +110,13 @@ def save_sieve_adapter(
     overwrite: bool = False,
     base_model: str | None = None,
     extra: dict | None = None,
+    factors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write only the LoRA factors (fp32 on disk if trained in fp32) and the config needed to rebuild them."""
+    """Write only the LoRA factors (fp32 on disk if trained in fp32) and the config needed to rebuild them
+    (``factors``: gathered by :func:`gather_factors` from an FSDP-sharded model)."""
     config = adapter_config(model, base_model, extra)
     with atomic_dir(path, overwrite) as tmp:
-        save_factors(model, tmp / ADAPTER_WEIGHTS)
+        save_factors(model, tmp / ADAPTER_WEIGHTS, factors)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 

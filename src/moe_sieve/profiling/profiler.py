@@ -121,7 +121,12 @@ def profile_model(
     counted = seen = 0
     start = time.perf_counter()
     try:
-        with RoutingRecorder(layers, spec) as recorder, torch.inference_mode(), _progress(progress) as bar:
+        # FSDP2 gathers parameters into buffers it reuses in training; made under inference_mode they become
+        # inference tensors that training cannot write, so a sharded model (the drift monitor) uses no_grad.
+        from torch.distributed.fsdp import FSDPModule
+
+        grad_off = torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+        with RoutingRecorder(layers, spec) as recorder, grad_off, _progress(progress) as bar:
             task = bar.add_task("profile", total=len(batches), rate="")
             for batch in batches:
                 count_mask = batch.count_mask.bool()

@@ -27,6 +27,7 @@ from .._io import (
 )
 from .._version import __version__
 from ..adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter
+from ..adapters.io import gather_factors
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from ..profiling import Profile, profile_model
@@ -429,7 +430,7 @@ def _train_locked(
         trust_remote_code=config.trust_remote_code,
         experts_implementation=config.experts_implementation,
     )
-    resolve_device(spec.device)
+    check_fsdp(config, resolve_device(spec.device))
     # Cheap inputs first: a typo in --data fails before a large model is loaded.
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     examples = load_sft_examples(
@@ -489,7 +490,6 @@ def _train_locked(
             f"x {world} processes"
         )
     device = next(p for p in model.parameters()).device
-    check_fsdp(config, device)
     use_bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
     if state.is_main_process:
         print(loss_choice.line, file=sys.stderr)
@@ -577,11 +577,13 @@ def _train_locked(
         metrics["routing_drift"] = monitor.summary(wall)
         if state.is_main_process:
             print(monitor.overhead_line(wall), file=sys.stderr)
+    factors = gather_factors(model)  # every process: under FSDP the factors are shards, gathered collectively
     if state.is_main_process:
         save_sieve_adapter(
             model,
             work / "adapter",
             overwrite=True,
+            factors=factors,
             base_model=config.model,
             extra={
                 "selection": None if selection is None else str(run_dir / "selection.json"),

@@ -16,7 +16,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .._io import atomic_write_json, fault_point
-from ..adapters.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, load_factors, save_factors
+from ..adapters.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, gather_factors, load_factors, save_factors
+from .sharding import check_sharded, enable_cpu_fsdp
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,8 +90,24 @@ class SieveTrainer(Trainer):
             inputs = {**inputs, "logits_to_keep": 1}  # the head computes one position; the fused loss does the rest
         return super().compute_loss(model, inputs, *args, **kwargs)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_cpu_fsdp(self)  # accelerate keeps a gloo/CPU group MULTI_CPU (plain DDP) even with FSDP asked for
+
+    def _prepare_for_training(self, *args: Any, **kwargs: Any):
+        prepared = super()._prepare_for_training(*args, **kwargs)
+        if self.is_fsdp_enabled:  # FSDP2 only (enable_cpu_fsdp refuses FSDP1)
+            count = check_sharded(self.model)
+            if self.args.should_save:
+                print(
+                    f"moe-sieve: FSDP2 sharded {count} trainable tensors over {self.args.world_size} processes",
+                    file=sys.stderr,
+                )
+        return prepared
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its part (e.g. rng_state_N.pth)
         if not self.args.should_save:
             return
         fault_point("checkpoint-before-marker")
@@ -127,13 +144,34 @@ class SieveTrainer(Trainer):
     def _sieve_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP every process gathers the adapter's shards (a collective), never the full base model
+        that transformers' FSDP path would gather, and the main process writes them."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir, factors=gather_factors(self._sieve_model()))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """transformers' FSDP branch also writes the full model (``save_fsdp_model``); keep the checkpoint
+        adapter-only: accelerate's FSDP optimizer state (it holds the trainable factors only) and the schedule."""
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(
+            self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
+        )
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None, factors: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self._sieve_model()
-        save_factors(model, os.path.join(output_dir, ADAPTER_WEIGHTS))
+        save_factors(model, os.path.join(output_dir, ADAPTER_WEIGHTS), factors)
         fault_point("checkpoint-save")
         atomic_write_json(os.path.join(output_dir, ADAPTER_CONFIG), adapter_config(model, self.base_model_id))
         if self.processing_class is not None:
