@@ -3,8 +3,16 @@
     python benchmarks/routed_compare.py --out runs/routed_compare --seeds 0 1 --steps 200
 
 Each condition fine-tunes ``moe-sieve-default`` on the arithmetic mini task (train split) with the same data
-order, steps, batch and learning rate, then scores greedy exact match on the held-out test split. Results go to
+order, steps and batch, then scores greedy exact match on the held-out test split. Results go to
 ``OUT/results.json`` and a markdown table is printed.
+
+Learning rate: each condition runs at its own entry of ``LEARNING_RATES`` (``--learning-rate`` sets one for all).
+Adapters on the FFN output need a larger step than LoRA on attention: S is one rank-r adapter per layer (D's
+four summed adapters move the output about four times as far per AdamW step), and E's output is scaled by the
+frozen router's weights (about 0.1 each on the embedded model: 16 experts, top-2, no renormalisation). The
+defaults come from ``--sweep-lr`` (train only, final train loss per condition and learning rate):
+
+    python benchmarks/routed_compare.py --out runs/routed_lr --sweep-lr 3e-3 1e-2 3e-2 --steps 150 --threads 1
 """
 
 from __future__ import annotations
@@ -24,6 +32,92 @@ CONDITIONS = {
     "routed E (all experts)": {"method": "routed", "variant": "E", "strategy": "full"},
     "routed E (hot-25%)": {"method": "routed", "variant": "E", "strategy": "topk", "k": "25%"},
 }
+# Per-condition learning rate (AdamW peak, linear decay), from --sweep-lr on this task; see the module docstring.
+LEARNING_RATES = {name: 3e-3 for name in CONDITIONS}
+
+
+def _run_dir(out: Path, name: str, seed: int, args_r: int, lr: float | None = None) -> Path:
+    stem = f"{name.split(' (')[0].replace(' ', '_')}{'_hot' if 'hot' in name and 'routed' in name else ''}"
+    stem += "" if args_r == 16 else f"_r{args_r}"
+    return out / (f"{stem}_s{seed}" if lr is None else f"lr_sweep/{stem}_lr{lr:g}_s{seed}")
+
+
+def _train(name: str, seed: int, lr: float, args: argparse.Namespace, arith: str, run_dir: Path):
+    """Fine-tune one condition; returns the loaded model, tokenizer and ``train``'s result."""
+    from moe_sieve.demo import default_model_path
+    from moe_sieve.modeling import ModelSpec, load_model, load_tokenizer
+    from moe_sieve.training import TrainConfig, train
+
+    model_path = str(default_model_path())
+    spec = ModelSpec(model=model_path, device="cpu")
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+    result = train(
+        TrainConfig(
+            model=model_path,
+            data=arith,
+            out=str(run_dir),
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            micro_batch_size=args.batch_size,
+            learning_rate=lr,
+            r=args.r,
+            alpha=2.0 * args.r,
+            dropout=0.0,
+            warmup=0.05,
+            logging_steps=min(25, args.steps),
+            save_steps=args.steps,
+            device="cpu",
+            seed=seed,
+            max_length=256,
+            profile_subsample=0.1,
+            **CONDITIONS[name],
+        ),
+        overwrite=True,
+        model=model,
+        tokenizer=tokenizer,
+    )
+    return model, tokenizer, result
+
+
+def _sweep(args: argparse.Namespace, out: Path, arith: str) -> None:
+    """Train only: final train loss for every condition x learning rate (first seed), table printed."""
+    path = out / "lr_sweep.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    key = ("condition", "learning_rate", "seed", "steps", "r", "batch_size")
+    done = {tuple(r.get(k) for k in key) for r in rows}
+    seed = args.seeds[0]
+    for name in args.conditions:
+        for lr in args.sweep_lr:
+            if (name, lr, seed, args.steps, args.r, args.batch_size) in done:
+                continue
+            start = time.perf_counter()
+            _, _, result = _train(name, seed, lr, args, arith, _run_dir(out, name, seed, args.r, lr))
+            rows.append(
+                {
+                    "condition": name,
+                    "learning_rate": lr,
+                    "seed": seed,
+                    "steps": args.steps,
+                    "r": args.r,
+                    "batch_size": args.batch_size,
+                    "final_loss": result.metrics["final_loss"],
+                    "first_loss": result.metrics["first_loss"],
+                    "wall_s": round(time.perf_counter() - start, 1),
+                }
+            )
+            path.write_text(json.dumps(rows, indent=2) + "\n")
+            print(json.dumps(rows[-1]), flush=True)
+    setting = f"seed {seed}, batch {args.batch_size}, r={args.r}, alpha={2 * args.r}"
+    print(f"final train loss after {args.steps} steps ({setting}):")
+    print("| condition | " + " | ".join(f"lr {lr:g}" for lr in args.sweep_lr) + " |")
+    print("| --- |" + " --- |" * len(args.sweep_lr))
+    for name in args.conditions:
+        cells = []
+        for lr in args.sweep_lr:
+            want = (name, lr, seed, args.steps, args.r, args.batch_size)
+            hit = [r for r in rows if tuple(r.get(k) for k in key) == want]
+            cells.append(f"{hit[-1]['final_loss']:.3f}" if hit else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -35,24 +129,33 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--conditions", nargs="*", default=list(CONDITIONS))
+    parser.add_argument("--r", type=int, default=16, help="rank (bottleneck width) of every condition; alpha = 2r")
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help="one learning rate for all (default: LEARNING_RATES)"
+    )
+    parser.add_argument(
+        "--sweep-lr", type=float, nargs="+", default=None, help="train only: final loss per condition x these lrs"
+    )
     args = parser.parse_args()
+    unknown = [name for name in args.conditions if name not in CONDITIONS]
+    if unknown:
+        parser.error(f"--conditions: unknown {unknown}; known: {list(CONDITIONS)}")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
 
-    from moe_sieve.demo import default_model_path
     from moe_sieve.evaluation import evaluate
     from moe_sieve.minitasks.generate import generate_minitasks
-    from moe_sieve.modeling import ModelSpec, load_model, load_tokenizer
-    from moe_sieve.training import TrainConfig, train
 
     out = Path(args.out)
     tasks = out / "minitasks"
     if not (tasks / "arith").exists():
         generate_minitasks(tasks, seed=0, sizes={"corpus_train_docs": 40})
     arith = f"gsm8k:{tasks / 'arith'}"
-    model_path = str(default_model_path())
+    if args.sweep_lr:
+        _sweep(args, out, arith)
+        return
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["condition"], r["seed"]) for r in results}
@@ -60,38 +163,9 @@ def main() -> None:
         for name in args.conditions:
             if (name, seed) in done:
                 continue
-            spec = ModelSpec(model=model_path, device="cpu")
-            model, tokenizer = load_model(spec), load_tokenizer(spec)
+            lr = args.learning_rate or LEARNING_RATES[name]
             start = time.perf_counter()
-            options = dict(CONDITIONS[name])
-            result = train(
-                TrainConfig(
-                    model=model_path,
-                    data=arith,
-                    out=str(
-                        out / f"{name.split(' (')[0].replace(' ', '_')}"
-                        f"{'_hot' if 'hot' in name and 'routed' in name else ''}_s{seed}"
-                    ),
-                    max_steps=args.steps,
-                    batch_size=args.batch_size,
-                    micro_batch_size=args.batch_size,
-                    learning_rate=3e-3,
-                    r=16,
-                    alpha=32.0,
-                    dropout=0.0,
-                    warmup=0.05,
-                    logging_steps=25,
-                    save_steps=args.steps,
-                    device="cpu",
-                    seed=seed,
-                    max_length=256,
-                    profile_subsample=0.1,
-                    **options,
-                ),
-                overwrite=True,
-                model=model,
-                tokenizer=tokenizer,
-            )
+            model, tokenizer, result = _train(name, seed, lr, args, arith, _run_dir(out, name, seed, args.r))
             model.eval()
             score = evaluate(
                 model, tokenizer, arith, split="test", max_examples=args.eval_examples, batch_size=25, max_new_tokens=40
@@ -100,6 +174,7 @@ def main() -> None:
                 {
                     "condition": name,
                     "seed": seed,
+                    "learning_rate": lr,
                     "exact_match": score.accuracy,
                     "n": score.n,
                     "trainable_params": result.metrics["trainable_params"],
@@ -109,16 +184,17 @@ def main() -> None:
             )
             results_path.write_text(json.dumps(results, indent=2) + "\n")
             print(json.dumps(results[-1]), flush=True)
-    print("| condition | trainable params | exact match (per seed) | mean EM | mean final train loss |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| condition | lr | trainable params | exact match (per seed) | mean EM | mean final train loss |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name in args.conditions:
         rows = sorted((r for r in results if r["condition"] == name), key=lambda r: r["seed"])
         if rows:
             ems = [r["exact_match"] for r in rows]
             loss = statistics.mean(r["final_loss"] for r in rows)
+            lrs = sorted({r.get("learning_rate", 3e-3) for r in rows})
             print(
-                f"| {name} | {rows[0]['trainable_params']:,} | {', '.join(f'{e:.2f}' for e in ems)} | "
-                f"{statistics.mean(ems):.3f} | {loss:.3f} |"
+                f"| {name} | {', '.join(f'{x:g}' for x in lrs)} | {rows[0]['trainable_params']:,} | "
+                f"{', '.join(f'{e:.2f}' for e in ems)} | {statistics.mean(ems):.3f} | {loss:.3f} |"
             )
 
 

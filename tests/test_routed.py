@@ -434,3 +434,84 @@ def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
     code, out, err = _run_cli(monkeypatch, capsys, "merge", run / "adapter", "--out", tmp_path / "merged")
     assert code == 2 and "Error:" in err and "cannot be folded" in err
+
+
+def _olmoe_double(num_experts: int = 8, top_k: int = 2, layers: int = 3, seed: int = 0):
+    """A float64 OLMoE with the given expert count (eager experts, so the base has a CPU float64 kernel)."""
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(seed)
+    config = tiny_config("olmoe")
+    config.num_experts, config.num_experts_per_tok, config.num_hidden_layers = num_experts, top_k, layers
+    config._experts_implementation = "eager"
+    return AutoModelForCausalLM.from_config(config).double().eval()
+
+
+def _logits_and_grads(model, state, ids):
+    """Logits and the adapters' gradients (A, B per layer, in layer order) of a fixed random objective."""
+    out = model(input_ids=ids).logits
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    params = [p for a in state.adapters.values() for p in (a.bank.first, a.bank.second)]
+    return out, torch.autograd.grad((out * g).sum(), params)
+
+
+def _set_bank(state, seed: int) -> None:
+    """The same non-trivial adapter weights on every layer's bank, whatever the variant."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in state.adapters.values():
+            for p in (adapter.bank.first, adapter.bank.second):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+
+
+@pytest.mark.parametrize("adapter_type", ["lora", "parallel"])
+@pytest.mark.parametrize("variant", ["D", "R", "E"])
+def test_degenerate_variants_equal_the_shared_adapter(variant, adapter_type):
+    """D with N=1, R with N=K=1 and E on a one-expert model all compute S (whole model: logits and gradients).
+
+    Equivalences that must hold whatever the routing code does: catch a routing weight applied twice, a
+    missing or doubled scaling, or an adapter reading another hidden state than S's."""
+    num_experts = 1 if variant == "E" else 8
+    common = dict(adapter_type=adapter_type, r=3, alpha=7.0, dropout=0.0)
+    ids = torch.randint(0, 250, (2, 13), generator=torch.Generator().manual_seed(5))
+    s_model = _olmoe_double(num_experts, top_k=1 if variant == "E" else 2)
+    s_state = apply_routed_adapters(s_model, None, RoutedAdapterConfig(variant="S", **common))
+    _set_bank(s_state, 11)
+    v_model = _olmoe_double(num_experts, top_k=1 if variant == "E" else 2)
+    v_cfg = RoutedAdapterConfig(variant=variant, num_adapters=1, top_k=1, **common)
+    v_state = apply_routed_adapters(v_model, None, v_cfg)
+    _set_bank(v_state, 11)
+    ref, ref_grads = _logits_and_grads(s_model, s_state, ids)
+    out, grads = _logits_and_grads(v_model, v_state, ids)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g1, g2 in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-11)
+        assert g1.abs().max() > 0
+    if variant == "R":  # softmax over one adapter is 1: the router learns nothing from the LM loss
+        router = [a.router.weight for a in v_state.adapters.values()]
+        grads_router = torch.autograd.grad(v_model(input_ids=ids).logits.sum(), router)
+        assert all(g.abs().max() == 0 for g in grads_router)
+
+
+def test_lora_init_matches_peft():
+    """init='zero' is PEFT's LoRA init: A kaiming-uniform(a=sqrt(5)) on [r, D], i.e. U(-1/sqrt(D), 1/sqrt(D)); B = 0."""
+    from peft import LoraConfig, get_peft_model
+
+    r = 16
+    bank = (
+        apply_routed_adapters(_olmoe_double(), None, RoutedAdapterConfig(variant="D", r=r, num_adapters=64, seed=0))
+        .adapters[0]
+        .bank
+    )
+    D = bank.hidden_size
+    torch.manual_seed(0)
+    peft_model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(D, D)), LoraConfig(r=r, target_modules=["0"]))
+    peft_A = peft_model.base_model.model[0].lora_A["default"].weight.detach().double() * D**0.5
+    ours_A = bank.first.detach().double() * D**0.5  # both in units of the bound 1/sqrt(D)
+    assert torch.count_nonzero(bank.second) == 0
+    for A in (ours_A, peft_A):
+        assert 0.9 < float(A.abs().max()) <= 1.0
+        assert abs(float(A.mean())) < 0.05
+    torch.testing.assert_close(ours_A.std(), peft_A.std(), rtol=0.08, atol=0)
