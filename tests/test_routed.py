@@ -410,6 +410,12 @@ def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path
     load = routed["adapter_router_load"]
     assert len(load["share_LN"]) == 4 and all(abs(sum(row) - 1) < 1e-9 for row in load["share_LN"])
     assert not (run / "selection.json").exists()  # R needs no routing profile
+    # the Trainer's optimizer held every adapter: each adapter's B (zero at init) has moved
+    from safetensors.torch import load_file
+
+    saved = load_file(run / "adapter" / "adapter.safetensors")
+    bs = [t for name, t in saved.items() if name.endswith("lora_B")]
+    assert len(bs) == 4 and all(bool((b.flatten(1).abs().amax(1) > 0).all()) for b in bs), list(saved)
 
     code, out, err = _run_cli(
         monkeypatch,
