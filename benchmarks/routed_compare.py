@@ -132,6 +132,48 @@ def _sweep(args: argparse.Namespace, out: Path, arith: str) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def _init_check(args: argparse.Namespace, arith: str) -> None:
+    """init="zero" (PEFT) vs "perft" (released code) for S and E: a plain AdamW loop, 5% warmup + linear decay,
+    mean loss of the last 25 steps (TrainConfig has no init option, so this bypasses ``train``)."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from moe_sieve.adapters.routed import RoutedAdapterConfig, apply_routed_adapters
+    from moe_sieve.data.sft import SFTCollator, build_sft_dataset, load_sft_examples
+    from moe_sieve.demo import default_model_path
+    from moe_sieve.modeling import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec(model=str(default_model_path()), device="cpu")
+    tokenizer = load_tokenizer(spec)
+    examples = load_sft_examples(arith, split="train", seed=args.seeds[0], tokenizer=tokenizer)
+    dataset, _ = build_sft_dataset(examples, tokenizer, 256, overflow="truncate")
+    collate = SFTCollator(tokenizer)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seeds[0])).tolist()
+    print("| variant | init | " + " | ".join(f"lr {lr:g}" for lr in args.sweep_lr) + " |")
+    print("| --- | --- |" + " --- |" * len(args.sweep_lr))
+    for variant in ("S", "E"):
+        for init in ("zero", "perft"):
+            cells = []
+            for lr in args.sweep_lr:
+                model = load_model(spec)
+                cfg = RoutedAdapterConfig(variant=variant, r=args.r, alpha=2.0 * args.r, dropout=0.0, init=init)
+                apply_routed_adapters(model, None, cfg)
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+                schedule = get_linear_schedule_with_warmup(opt, max(1, args.steps // 20), args.steps)
+                model.train()
+                losses = []
+                for step in range(args.steps):
+                    rows = [order[(step * args.batch_size + i) % len(order)] for i in range(args.batch_size)]
+                    loss = model(**collate([dataset[i] for i in rows])).loss
+                    loss.backward()
+                    opt.step()
+                    schedule.step()
+                    opt.zero_grad()
+                    losses.append(loss.item())
+                cells.append(f"{statistics.mean(losses[-25:]):.3f}")
+            print(f"| {variant} | {init} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/routed_compare")
@@ -148,7 +190,12 @@ def main() -> None:
     parser.add_argument(
         "--sweep-lr", type=float, nargs="+", default=None, help="train only: final loss per condition x these lrs"
     )
+    parser.add_argument(
+        "--init-check", action="store_true", help="with --sweep-lr: S and E with init zero vs perft (no Trainer)"
+    )
     args = parser.parse_args()
+    if args.init_check and not args.sweep_lr:
+        parser.error("--init-check needs --sweep-lr LR [LR ...]")
     unknown = [name for name in args.conditions if name not in CONDITIONS]
     if unknown:
         parser.error(f"--conditions: unknown {unknown}; known: {list(CONDITIONS)}")
@@ -165,6 +212,9 @@ def main() -> None:
     if not (tasks / "arith").exists():
         generate_minitasks(tasks, seed=0, sizes={"corpus_train_docs": 40})
     arith = f"gsm8k:{tasks / 'arith'}"
+    if args.init_check:
+        _init_check(args, arith)
+        return
     if args.sweep_lr:
         _sweep(args, out, arith)
         return
