@@ -272,3 +272,66 @@ def test_run_directories_supply_strategy_k_and_the_greedy_allocation(study, tmp_
     assert "From the selection of greedy run budget-a-s0." in html
     for layer in prof.layer_ids:
         assert f"<td>{layer}</td><td>4</td>" in html and f"<td>{len(greedy.experts[layer])}</td>" in html
+
+
+def _write_trace(run_dir, counts_SLE, selected_LE, k_L):
+    """A routing trace as the drift monitor writes it, from hand-made counts."""
+    from safetensors.numpy import save_file
+
+    from moe_sieve.training.monitor import TRACE_FILE, drift_figures
+
+    figs = [drift_figures(counts_SLE[0], c, selected_LE, k_L) for c in counts_SLE]
+    stack = {name: np.stack([f[name] for f in figs]) for name in figs[0]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            "steps_S": np.arange(len(counts_SLE), dtype=np.int64) * 10,
+            "counts_SLE": np.asarray(counts_SLE, dtype=np.int64),
+            "selected_SLE": np.repeat(selected_LE[None], len(counts_SLE), 0).astype(np.uint8),
+            "top_SLE": stack["top_LE"].astype(np.uint8),
+            "coverage_SL": stack["coverage_L"],
+            "jaccard_SL": stack["jaccard_L"],
+            "kl_SL": stack["kl_L"],
+            "became_hot_SL": stack["became_hot_L"],
+            "went_cold_SL": stack["went_cold_L"],
+            "k_L": np.asarray(k_L, dtype=np.int64),
+            "layer_ids_L": np.arange(len(k_L), dtype=np.int64),
+        },
+        str(run_dir / TRACE_FILE),
+    )
+
+
+def test_drift_section_summarises_the_runs_routing_traces(tmp_path):
+    root = tmp_path / "drift"
+    _write_results(root / "results.csv", [("hot-25%", 2, 0.5, 1000), ("attention-only", "", 0.4, 500)], seeds=[0, 1])
+    rng = np.random.default_rng(0)
+    selected_LE = np.zeros((3, 8), dtype=bool)
+    selected_LE[:, :2] = True
+    expected = {"coverage": [], "jaccard": [], "kl": [], "hot": []}
+    for seed in (0, 1):
+        counts_SLE = rng.integers(0, 50, size=(4, 3, 8))
+        counts_SLE[0, :, :2] += 200  # the selection is hot at step 0, then routing moves away
+        _write_trace(root / "runs" / f"hot-25%-s{seed}", counts_SLE, selected_LE, [2, 2, 2])
+        last = counts_SLE[-1]
+        top_now = np.argsort(-last, axis=1, kind="stable")[:, :2]
+        top0 = np.argsort(-counts_SLE[0], axis=1, kind="stable")[:, :2]
+        expected["coverage"].append(np.mean(last[:, :2].sum(1) / last.sum(1)))
+        expected["jaccard"].append(np.mean([len({0, 1} & set(t)) / len({0, 1} | set(t)) for t in top_now]))
+        p = (last + 0.5) / (last + 0.5).sum(1, keepdims=True)
+        q = (counts_SLE[0] + 0.5) / (counts_SLE[0] + 0.5).sum(1, keepdims=True)
+        expected["kl"].append(np.mean((p * np.log(p / q)).sum(1)))
+        expected["hot"].append(sum(len(set(a) - set(b)) for a, b in zip(top_now, top0, strict=True)))
+    paths = write_report(root, root / "report.html", root / "report.md")
+    assert "drift" in paths["sections"]
+    md = paths["md"].read_text()
+    row = next(line for line in md.splitlines() if "/ hot-25% |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["2", "30"]
+    assert cells[3].endswith(f"{np.mean(expected['coverage']):.3f}")
+    assert cells[4:7] == [
+        f"{np.mean(expected['jaccard']):.3f}",
+        f"{np.mean(expected['kl']):.3f}",
+        f"{np.mean(expected['hot']):.1f}",
+    ]
+    assert "attention-only" not in md.split("## Routing drift")[1].split("![")[0]  # no trace, no row
+    assert any(f.name == "routing_drift.png" for f in paths["figures"])

@@ -14,7 +14,7 @@ from typing import Any
 
 from .._io import atomic_path, atomic_write_text, ensure_writable
 from .._version import __version__
-from .build import Figure, Section, Table, allocation_section, profiling_sections, results_sections
+from .build import Figure, Section, Table, allocation_section, drift_section, profiling_sections, results_sections
 from .data import load_study
 
 __all__ = ["build_sections", "write_report"]
@@ -50,6 +50,9 @@ def build_sections(
     allocation = allocation_section(data)
     if allocation is not None:
         sections.append(allocation)
+    drift = drift_section(data)
+    if drift is not None:
+        sections.append(drift)
     return sections, data
 
 

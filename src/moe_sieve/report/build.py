@@ -667,3 +667,71 @@ def _controls_section(records, cond_info, margins, alpha) -> Section | None:
         )
     )
     return section
+
+
+# --- routing drift during training (issue 13) ---------------------------------------------------------------
+
+DRIFT_PLOT_MAX_RUNS = 6
+
+
+def drift_section(data: StudyData) -> Section | None:
+    """Final routing drift per condition (mean over seeds) and the drift plot of each condition's first seed,
+    from the runs' ``routing_trace.safetensors`` (runs trained with ``--monitor-every 0`` have none)."""
+    import tempfile
+    from pathlib import Path
+
+    from ..training.monitor import TRACE_FILE, load_trace, plot_drift
+
+    traced: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    for run in data.finished:
+        if run.run_dir is not None and (run.run_dir / TRACE_FILE).is_file():
+            seed = int(_float_or(run.row.get("seed"), 0))
+            label = " / ".join(v for v in (run.row.get("model"), run.row.get("task"), run.row.get("condition")) if v)
+            traced[label].append((seed, run.run_dir))
+    if not traced:
+        return None
+    rows = []
+    for label, runs in sorted(traced.items()):
+        finals = [load_trace(run_dir) for _, run_dir in runs]
+        last = {name: np.mean([t[name][-1].mean() for t in finals]) for name in ("coverage_SL", "jaccard_SL", "kl_SL")}
+        first_cov = np.mean([t["coverage_SL"][0].mean() for t in finals])
+        hot = np.mean([t["became_hot_SL"][-1].sum() for t in finals])
+        steps = int(max(t["steps_S"][-1] for t in finals))
+        rows.append(
+            [
+                label,
+                str(len(runs)),
+                str(steps),
+                f"{first_cov:.3f} → {last['coverage_SL']:.3f}",
+                _f(last["jaccard_SL"]),
+                _f(last["kl_SL"]),
+                f"{hot:.1f}",
+            ]
+        )
+    section = Section(
+        "drift",
+        "Routing drift during training",
+        "The drift monitor's figures at the last measurement (layer mean, then mean over the seeds): the share of "
+        "routed activations on the selected experts (coverage, from step 0), Jaccard between the current top-k and "
+        "the selection, KL(now || step 0) of the routing distribution, and experts that entered a layer's top-k "
+        "(summed over layers). Without adapted experts coverage and Jaccard are 0; with all experts adapted coverage "
+        "is 1 and Jaccard k/E, by definition.",
+    )
+    section.blocks.append(Table(["run group", "runs", "last step", "coverage", "Jaccard", "KL", "became hot"], rows))
+    first = {label: min(runs)[1] for label, runs in sorted(traced.items())[:DRIFT_PLOT_MAX_RUNS]}
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(plot_drift(first, Path(tmp) / "drift.png")).read_bytes()
+    shown = "" if len(traced) <= DRIFT_PLOT_MAX_RUNS else f" (the first {DRIFT_PLOT_MAX_RUNS} of {len(traced)})"
+    section.blocks.append(
+        Figure(
+            "routing_drift", png, f"Coverage, Jaccard and per-layer KL against step, first seed of each group{shown}"
+        )
+    )
+    return section
+
+
+def _float_or(value: Any, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
