@@ -71,3 +71,18 @@ def test_gpu_speed_script_smoke_on_cpu(tmp_path: Path) -> None:
     subprocess.run([str(ROOT / "scripts" / "gpu_speed.sh"), "--device", "cpu", "--tiny"], check=True, env=env)
     report = (tmp_path / "gpu_speed.md").read_text()
     assert "## tiny: training step" in report and "## tiny: routing-profiling overhead" in report
+
+
+def test_train_epoch_runs_both_conditions_over_the_same_epoch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_epoch
+
+    js = tmp_path / "epoch.json"
+    argv = shlex.split("--preset tiny --device cpu --examples 16 --batch-size 4 --micro-batch-size 4")
+    results = train_epoch.main([*argv, "--json", str(js)])
+    hot, full = results["hot-25%"], results["full"]
+    assert hot["steps"] == full["steps"] == 4  # one epoch of 16 examples in batches of 4, for both
+    assert 0 < hot["trainable"] < full["trainable"] and hot["epoch_s"] > 0 and full["epoch_s"] > 0
+    assert hot["peak_gib"] is None  # no peak memory on CPU: never invented
+    saved = json.loads(js.read_text())
+    assert saved["full_over_hot"] == pytest.approx(full["epoch_s"] / hot["epoch_s"])
