@@ -11,7 +11,7 @@ import numpy as np
 
 from ..runstats import ComparisonRow, compare_runs, read_runs
 from . import figures
-from .data import StudyData
+from .data import StudyData, _float
 
 
 @dataclass
@@ -685,7 +685,7 @@ def drift_section(data: StudyData) -> Section | None:
     traced: dict[str, list[tuple[int, Path]]] = defaultdict(list)
     for run in data.finished:
         if run.run_dir is not None and (run.run_dir / TRACE_FILE).is_file():
-            seed = int(_float_or(run.row.get("seed"), 0))
+            seed = int(_float(run.row.get("seed")) or 0)
             label = " / ".join(v for v in (run.row.get("model"), run.row.get("task"), run.row.get("condition")) if v)
             traced[label].append((seed, run.run_dir))
     if not traced:
@@ -728,10 +728,3 @@ def drift_section(data: StudyData) -> Section | None:
         )
     )
     return section
-
-
-def _float_or(value: Any, default: float) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
