@@ -107,6 +107,14 @@ def build_tiny(family: str, seed: int = 0, experts_implementation: str | None = 
     return model.eval()
 
 
+def small_train_config(model_dir, data, out, **settings):
+    """A CPU ``TrainConfig`` for a few-step run of a tiny model; each test file passes what it varies."""
+    from moe_sieve.training import TrainConfig
+
+    values = dict(device="cpu", warmup=0, logging_steps=1, r=4, alpha=8, batch_size=8, micro_batch_size=4)
+    return TrainConfig(model=str(model_dir), data=str(data), out=str(out), **{**values, **settings})
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     from moe_sieve.tiny import byte_level_tokenizer

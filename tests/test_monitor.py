@@ -16,6 +16,8 @@ from moe_sieve.data.calibration import make_batches, tokenize_example
 from moe_sieve.data.tasks import Example
 from moe_sieve.training.monitor import KL_SMOOTHING, TRACE_FILE, DriftMonitor, plot_drift, profile_counts
 
+from .conftest import small_train_config
+
 LAYERS, EXPERTS, TOP_K = 16, 32, 4
 
 
@@ -137,23 +139,16 @@ def test_figures_on_a_hand_made_routing_change_match_numpy(byte_tokenizer, tmp_p
 
 
 def test_train_writes_trace_metrics_and_logs_drift(tiny_model_dir, copy_digits_jsonl, tmp_path):
-    from moe_sieve.training import TrainConfig, train
+    from moe_sieve.training import train
 
     data = copy_digits_jsonl
-    config = TrainConfig(
-        model=str(tiny_model_dir),
-        data=str(data),
-        out=str(tmp_path / "run"),
-        batch_size=8,
-        micro_batch_size=4,
+    config = small_train_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
         max_steps=5,
-        logging_steps=1,
         save_steps=100,
         learning_rate=5e-2,
-        r=4,
-        alpha=8,
-        device="cpu",
-        warmup=0,
         monitor_every=2,
         monitor_examples=8,
     )

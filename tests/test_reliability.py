@@ -26,9 +26,10 @@ from moe_sieve._io import (
 )
 from moe_sieve.profiling import Profile
 from moe_sieve.selection import Selection
-from moe_sieve.training import TrainConfig, train
+from moe_sieve.training import train
 from moe_sieve.training.trainer import COMPLETE_MARKER, checkpoint_complete, last_complete_checkpoint
 
+from .conftest import small_train_config
 from .test_cli import run_cli
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -150,12 +151,8 @@ def test_profile_and_select_killed_lose_nothing(monkeypatch, capsys, tiny_model_
 
 
 def _config(model_dir, data, out, **kw):
-    values = dict(
-        model=str(model_dir), data=str(data), out=str(out), batch_size=8, micro_batch_size=8, max_steps=2,
-        save_steps=1, logging_steps=1, r=4, alpha=8, device="cpu", warmup=0, profile_subsample=0.5,
-    )  # fmt: skip
-    values.update(kw)
-    return TrainConfig(**values)
+    values = dict(micro_batch_size=8, max_steps=2, save_steps=1, profile_subsample=0.5)
+    return small_train_config(model_dir, data, out, **{**values, **kw})
 
 
 class _Stop(Exception):

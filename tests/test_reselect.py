@@ -10,9 +10,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from moe_sieve.adapters import load_sieve_adapter, read_adapter_config
-from moe_sieve.training import TrainConfig, train
+from moe_sieve.training import train
 from moe_sieve.training.monitor import TRACE_FILE
 from moe_sieve.training.reselect import RESELECT_FILE
+
+from .conftest import small_train_config
 
 
 @pytest.fixture(scope="module")
@@ -22,28 +24,17 @@ def toy(copy_digits_jsonl):
 
 def _config(model_dir, data, out, **kw):
     values = dict(
-        model=str(model_dir),
-        data=str(data),
-        out=str(out),
-        batch_size=8,
-        micro_batch_size=4,
         max_steps=8,
-        logging_steps=1,
         save_steps=4,
         learning_rate=0.1,
-        r=4,
-        alpha=8,
         dropout=0.05,
         profile_subsample=1.0,
-        device="cpu",
-        warmup=0,
         k=2,
         monitor_every=2,
         monitor_examples=12,
         reselect="grow",
     )
-    values.update(kw)
-    return TrainConfig(**values)
+    return small_train_config(model_dir, data, out, **{**values, **kw})
 
 
 class _OptimizerSteps(TrainerCallback):

@@ -13,7 +13,7 @@ from moe_sieve.selection import Selection
 from moe_sieve.training import TrainConfig, train
 from moe_sieve.training.monitor import TRACE_FILE
 
-from .conftest import build_tiny
+from .conftest import build_tiny, small_train_config
 
 
 @pytest.fixture(scope="module")
@@ -22,25 +22,8 @@ def toy(copy_digits_jsonl):
 
 
 def _config(model_dir, data, out, **kw):
-    values = dict(
-        model=str(model_dir),
-        data=str(data),
-        out=str(out),
-        batch_size=8,
-        micro_batch_size=4,
-        max_steps=4,
-        logging_steps=1,
-        save_steps=100,
-        learning_rate=5e-2,
-        r=4,
-        alpha=8,
-        device="cpu",
-        warmup=0,
-        monitor_every=2,
-        monitor_examples=8,
-    )
-    values.update(kw)
-    return TrainConfig(**values)
+    values = dict(max_steps=4, save_steps=100, learning_rate=5e-2, monitor_every=2, monitor_examples=8)
+    return small_train_config(model_dir, data, out, **{**values, **kw})
 
 
 def _router_weights(path):

@@ -15,6 +15,8 @@ from moe_sieve._io import ArtifactExistsError
 from moe_sieve.profiling import Profile, ProfileMismatchError
 from moe_sieve.training import NonFiniteLossError, TrainConfig, train
 
+from .conftest import small_train_config
+
 HERE = Path(__file__).parent
 
 
@@ -33,24 +35,15 @@ def toy_data(tmp_path_factory):
 
 def _config(model_dir, data, out, **kw):
     values = dict(
-        model=str(model_dir),
-        data=str(data),
-        out=str(out),
         batch_size=16,
         micro_batch_size=8,
         max_steps=8,
-        logging_steps=1,
         save_steps=4,
         learning_rate=3e-3,
-        r=4,
-        alpha=8,
         dropout=0.05,
         profile_subsample=0.5,
-        device="cpu",
-        warmup=0,
     )
-    values.update(kw)
-    return TrainConfig(**values)
+    return small_train_config(model_dir, data, out, **{**values, **kw})
 
 
 def test_train_end_to_end_loss_falls_and_writes_artifacts(toy_data, tmp_path):
