@@ -81,17 +81,23 @@ def tiny_config(family: str):
 FUSED_FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
 
 
-def build_tiny(family: str, seed: int = 0, experts_implementation: str | None = None):
-    """A seeded random model; routers get real spread so every expert can win some tokens."""
+def build_tiny(family: str, seed: int = 0, experts_implementation: str | None = None, layers: int | None = None):
+    """A seeded random model (``layers`` decoder layers, else the tiny config's); routers get real spread so
+    every expert can win some tokens."""
     from transformers import AutoModelForCausalLM
 
     from .modulelist_model import build_modulelist_model
 
     torch.manual_seed(seed)
     if family == "modulelist":
-        model = build_modulelist_model(seed)
+        model = build_modulelist_model(seed, layers)
     else:
         config = tiny_config(family)
+        if layers is not None:
+            config.num_hidden_layers = layers
+            if isinstance(getattr(config, "layer_types", None), list):
+                pattern = config.layer_types
+                config.layer_types = [pattern[i % len(pattern)] for i in range(layers)]
         if experts_implementation:
             config._experts_implementation = experts_implementation
         model = AutoModelForCausalLM.from_config(config)

@@ -125,6 +125,7 @@ class TinyDeepseekForCausalLM(PreTrainedModel):
         return CausalLMOutput(logits=self.lm_head(x))
 
 
-def build_modulelist_model(seed: int = 0) -> TinyDeepseekForCausalLM:
+def build_modulelist_model(seed: int = 0, layers: int | None = None) -> TinyDeepseekForCausalLM:
     torch.manual_seed(seed)
-    return TinyDeepseekForCausalLM(TinyDeepseekConfig())
+    config = TinyDeepseekConfig() if layers is None else TinyDeepseekConfig(num_hidden_layers=layers)
+    return TinyDeepseekForCausalLM(config)

@@ -16,8 +16,7 @@ from moe_sieve.adapters.peft_export import export_peft_adapter
 from moe_sieve.adapters.serving import PREFIX, export_serving_adapter
 from moe_sieve.arch import find_moe_layers, get_arch
 
-from .conftest import FUSED_FAMILIES, tiny_config
-from .modulelist_model import TinyDeepseekConfig, TinyDeepseekForCausalLM
+from .conftest import FUSED_FAMILIES, build_tiny
 
 FAMILIES = FUSED_FAMILIES + ["modulelist"]
 SELECTED = (0, 3, 5)
@@ -27,30 +26,7 @@ NO_ROUTER = ("attention", "shared", "experts")
 
 def build(family, layers=3, experts_implementation=None):
     """A seeded tiny model of ``family`` with ``layers`` decoder layers (same weights on every call)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    if family == "modulelist":
-        model = TinyDeepseekForCausalLM(TinyDeepseekConfig(num_hidden_layers=layers))
-    else:
-        config = tiny_config(family)
-        config.num_hidden_layers = layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            pattern = config.layer_types
-            config.layer_types = [pattern[i % len(pattern)] for i in range(layers)]
-        if experts_implementation:
-            config._experts_implementation = experts_implementation
-        model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
-                param.normal_(0.0, 1.0)
-            elif name.endswith("e_score_correction_bias"):
-                param.normal_(0.0, 0.1)
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.normal_(0.0, 0.1)
-    return model.eval()
+    return build_tiny(family, experts_implementation=experts_implementation, layers=layers)
 
 
 def adapted(family, layers=3, targets=CONFIG.targets):
