@@ -13,23 +13,13 @@ from moe_sieve.selection import Selection
 from moe_sieve.training import TrainConfig, train
 from moe_sieve.training.tracking import check_report_to
 
-from .conftest import tiny_config
+from .conftest import build_tiny
 
 
 @pytest.fixture(scope="module")
 def deep_model_dir(tmp_path_factory, byte_tokenizer):
     """A 16-layer tiny OLMoE (routers spread so every expert wins tokens)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = tiny_config("olmoe")
-    config.num_hidden_layers = 16
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0.0, 1.0)
+    model = build_tiny("olmoe", layers=16)
     path = tmp_path_factory.mktemp("deep-olmoe")
     model.save_pretrained(path)
     byte_tokenizer.save_pretrained(path)
