@@ -35,6 +35,7 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | None = None) -> dict[str, Any]:
+    from .cputhreads import apply_cpu_threads, choose_cpu_threads
     from .evaluation import evaluate
     from .minitasks.generate import generate_minitasks
     from .modeling import ModelSpec, load_model, load_tokenizer
@@ -46,6 +47,9 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | 
     from .training import TrainConfig
 
     console = console or Console()
+    threads = choose_cpu_threads()
+    apply_cpu_threads(threads)
+    console.print(threads.line("demo"))
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another --out")

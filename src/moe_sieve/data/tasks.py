@@ -227,6 +227,19 @@ register_task(
     )
 )
 
+register_task(
+    TaskSpec(
+        name="facts",
+        hub_path="moe-sieve/facts",
+        hub_config=None,
+        default_split="train",
+        required_fields=("question", "answer"),
+        format=format_gsm8k,
+        description="Made-up facts (entity, relation -> 2-digit value) of the mini tasks; completion is the value. "
+        "Not on the hub: write it with `python -m moe_sieve.minitasks.generate OUT` and pass facts:OUT/facts.",
+    )
+)
+
 
 # --- loading ----------------------------------------------------------------------------------------------
 

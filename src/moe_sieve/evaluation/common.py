@@ -32,6 +32,8 @@ class EvalResult:
     accuracy_norm: float | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Every numeric metric by name (``accuracy``, the likelihood metrics, ...): what sweeps and reports read."""
 
     @property
     def correct(self) -> int:
@@ -194,10 +196,15 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, source: str) ->
     )
 
 
-def _score_continuations(
-    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int, progress: bool = True
-) -> list[float]:
-    """Sum of log-probabilities of each continuation's tokens given its context, one float per pair.
+def continuation_logprobs(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    progress: bool = True,
+    label: str = "scoring",
+) -> list[torch.Tensor]:
+    """Log-probability of each continuation token given everything before it, one float32 tensor per pair.
 
     Pairs are tokenised as the harness does (``encode_pair``) and batches are right-padded with only the
     continuation tokens counted (``make_batches(count_tokens="completion")``).
@@ -206,10 +213,10 @@ def _score_continuations(
     batches = make_batches(
         tokenized, batch_size=batch_size, pad_token_id=pad_token_id_for(tokenizer), count_tokens="completion"
     )
-    scores = [0.0] * len(pairs)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     device = input_device(model)
-    with eval_mode(model), progress_bar(progress, "scoring") as bar:
-        task = bar.add_task("scoring", total=len(pairs))
+    with eval_mode(model), progress_bar(progress, label) as bar:
+        task = bar.add_task(label, total=len(pairs))
         for batch in batches:
             logits = model(
                 input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
@@ -217,11 +224,17 @@ def _score_continuations(
             # Token t is predicted at position t - 1; only the continuation's positions are scored.
             mask = batch.count_mask[:, 1:].to(logits.device)
             targets = batch.input_ids[:, 1:].to(logits.device)[mask]
-            logprobs = logits[:, :-1][mask].float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-            rows = mask.nonzero()[:, 0]
-            sums = torch.zeros(mask.shape[0], dtype=torch.float64, device=logits.device)
-            sums.index_add_(0, rows, logprobs.double())
+            logprobs_N = logits[:, :-1][mask].float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+            per_row = torch.split(logprobs_N.cpu(), mask.sum(1).tolist())  # mask rows are in row-major order
             for b, i in enumerate(batch.example_index.tolist()):
-                scores[i] = float(sums[b])
+                out[i] = per_row[b]
             bar.update(task, advance=len(batch.example_index))
-    return scores
+    return out
+
+
+def _score_continuations(
+    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int, progress: bool = True
+) -> list[float]:
+    """Sum of log-probabilities of each continuation's tokens given its context, one float per pair (the
+    harness's ``loglikelihood``)."""
+    return [float(t.double().sum()) for t in continuation_logprobs(model, tokenizer, pairs, batch_size, progress)]

@@ -14,6 +14,7 @@ from .llm_adapters import TRAINING_MIXES as LLM_ADAPTERS_TRAINING_MIXES
 # no labels, Spider's test databases are not public). LLM-Adapters keeps each test set in dataset/<name>/test.json.
 EVAL_SPLITS = {
     "gsm8k": "test",
+    "facts": "test",
     "hellaswag": "validation",
     "spider": "validation",
     **dict.fromkeys(LLM_ADAPTERS_TEST_SETS, "test"),
@@ -94,6 +95,7 @@ def load_task_rows(
     examples = _format_rows(rows, indices, origin, spec, fmt)
     for row, example in zip(rows, examples, strict=True):
         row["_source"] = example.source
+        row["_prompt"], row["_completion"] = example.prompt, example.completion
     return name, rows
 
 
@@ -110,11 +112,17 @@ def evaluate(
     timeout_s: float = 5.0,
     keep_distinct: bool = False,
     progress: bool = True,
+    likelihood: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on ``data`` (``gsm8k``, ``hellaswag``, ``spider`` or ``TASK:PATH``, including the
     LLM-Adapters test sets ``commonsense-*:PATH`` / ``math-*:PATH``) with its metric.
 
-    ``max_new_tokens`` defaults to 128 for GSM8K and Spider and to LLM-Adapters' own budgets for its test sets."""
+    ``max_new_tokens`` defaults to 128 for GSM8K and Spider, 4 for the facts task and to LLM-Adapters' own
+    budgets for its test sets. With ``likelihood`` (every task but HellaSwag, which already scores by
+    likelihood), the gold completions are also scored by teacher forcing (``evaluation.likelihood``): the
+    aggregates go to ``result.metrics``, each row's values to its prediction."""
+    from .facts import MAX_NEW_TOKENS as FACTS_MAX_NEW_TOKENS
+    from .facts import evaluate_facts
     from .gsm8k import evaluate_gsm8k
     from .hellaswag import evaluate_hellaswag
     from .llm_adapters import evaluate_llm_adapters
@@ -130,6 +138,15 @@ def evaluate(
         )
     elif task == "gsm8k":
         result = evaluate_gsm8k(model, tokenizer, rows, max_new_tokens=budget, batch_size=batch_size, progress=progress)
+    elif task == "facts":
+        result = evaluate_facts(
+            model,
+            tokenizer,
+            rows,
+            max_new_tokens=FACTS_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+        )
     elif task == "hellaswag":
         result = evaluate_hellaswag(model, tokenizer, rows, batch_size=batch_size, progress=progress)
     else:
@@ -145,5 +162,39 @@ def evaluate(
             keep_distinct=keep_distinct,
             progress=progress,
         )
+    if likelihood and task != "hellaswag":
+        add_likelihoods(model, tokenizer, task, rows, result, batch_size=batch_size, progress=progress)
+    norm = {} if result.accuracy_norm is None else {"accuracy_norm": result.accuracy_norm}
+    result.metrics = {"accuracy": result.accuracy, **norm, **result.metrics}
     result.metadata.update({"data": data, "split": _eval_split(name, path, split), "max_examples": max_examples})
     return result
+
+
+def add_likelihoods(
+    model: Any,
+    tokenizer: Any,
+    task: str,
+    rows: list[dict[str, Any]],
+    result: EvalResult,
+    *,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Score each row's gold completion (as fine-tuning formats it) and record the per-row values in the
+    predictions (matched by ``source``) and the aggregates in ``result.metrics``."""
+    from .gsm8k import result_spans
+    from .likelihood import likelihood_metrics, score_gold
+
+    pairs = [(row["_prompt"], row["_completion"]) for row in rows]
+    scored = score_gold(
+        model,
+        tokenizer,
+        pairs,
+        batch_size=batch_size,
+        progress=progress,
+        result_spans=result_spans if task == "gsm8k" else None,
+    )
+    by_source = {row["_source"]: values for row, values in zip(rows, scored, strict=True)}
+    for prediction in result.predictions:
+        prediction.update(by_source.get(prediction.get("source"), {}))
+    result.metrics.update(likelihood_metrics(scored))

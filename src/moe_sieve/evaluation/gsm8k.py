@@ -27,6 +27,16 @@ FILTERS = ("strict-match", "flexible-extract")
 STOPS = ("Question:", "</s>", "<|im_end|>")
 
 
+# The numbers a worked answer computes: each ``= N`` of the chain and the final ``#### N``.
+RESULT = re.compile(r"(?:=|####)[ \t]*(-?\$?[0-9]+(?:[.,][0-9]+)*)")
+
+
+def result_spans(completion: str) -> list[tuple[int, int]]:
+    """Character spans of the result numbers of a worked answer: where its likelihood carries the signal (the
+    chain's wording and the ``####`` marker are format, the results are arithmetic)."""
+    return [match.span(1) for match in RESULT.finditer(completion)]
+
+
 def _clean(text: str) -> str:
     """exact_match's normalisation: each ignored pattern removed in turn, then lower case."""
     for pattern in IGNORE:

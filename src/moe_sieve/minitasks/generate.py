@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .facts import facts_splits
+
 GENERATOR_VERSION = 1
 SPLITS = ("train", "validation", "test")
 
@@ -38,6 +40,7 @@ DEFAULT_SIZES: dict[str, int] = {
     "hellaswag_test": 200,
     "corpus_train_docs": 34000,
     "corpus_validation_docs": 0,  # 0: 2% of corpus_train_docs
+    "facts_n": 400,  # facts/: made-up facts (train x2 templates, test recall, paraphrase); sized in the README
 }
 SMALL_SIZES: dict[str, int] = {
     "arith_train": 40,
@@ -51,6 +54,7 @@ SMALL_SIZES: dict[str, int] = {
     "hellaswag_test": 8,
     "corpus_train_docs": 400,
     "corpus_validation_docs": 20,
+    "facts_n": 24,
 }
 
 Row = dict[str, Any]
@@ -1127,6 +1131,9 @@ def generate_minitasks(out_dir: str | Path, *, seed: int = 0, sizes: Mapping[str
     for split in SPLITS:
         dump(f"hellaswag/{split}.jsonl", hellaswag[split])
 
+    for split, rows in facts_splits(_rng(seed, "facts"), sz["facts_n"]).items():
+        dump(f"facts/{split}.jsonl", rows)
+
     held_sql = {r["question"] for split in ("validation", "test") for r in spider[split]}
     held_ctx = {r["ctx"] for split in ("validation", "test") for r in hellaswag[split]}
     for split in ("train", "validation"):
@@ -1174,7 +1181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate the moe-sieve mini tasks and pretraining corpus.")
     parser.add_argument(
         "out_dir",
-        help=f"folder to write arith/, {LLM_ADAPTERS_MATH}/, spider/, hellaswag/, corpus/ and manifest.json into",
+        help=f"folder to write arith/, {LLM_ADAPTERS_MATH}/, spider/, hellaswag/, facts/, corpus/, manifest.json",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="tiny sizes, for tests")

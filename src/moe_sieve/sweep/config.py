@@ -64,8 +64,18 @@ class EvalSettings:
     batch_size: int = _help("Prompts per batch.", 16)
     max_new_tokens: int = _help("Generation budget (GSM8K, Spider).", 128)
     spider_dir: str | None = _help("Spider directory (tables.json, database/).", None)
+    also: dict[str, str] | None = _help(
+        "Further evaluation data scored by the same trained model, name -> data string (e.g. the facts task's "
+        "paraphrase split); results.csv gets NAME_METRIC columns (paraphrase_gold_prob, ...).",
+        None,
+    )
 
     def __post_init__(self) -> None:
+        for name, data in (self.also or {}).items():
+            if not str(name).isidentifier() or not isinstance(data, str) or not data:
+                raise ValueError(
+                    f"eval also: {name!r} -> {data!r} must map a name (letters, digits, _) to a data string"
+                )
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"eval max_examples must be >= 1, got {self.max_examples}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -310,7 +320,8 @@ def expand(config: SweepConfig, out: str | Path) -> list[RunSpec]:
                     if ev_json["spider_dir"] is None:
                         ev_json["spider_dir"] = train.spider_dir
                     try:  # e.g. a Math50K task evaluated on its own training mix: fail now, not after training
-                        check_eval_data(ev_json["data"])
+                        for data in (ev_json["data"], *(ev_json["also"] or {}).values()):
+                            check_eval_data(data)
                     except ValueError as err:
                         raise ValueError(f"{where}.eval: {err}") from err
                     runs.append(RunSpec(rid, model.name, task.name, cond.name, seed, train.to_json(), ev_json))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json
+from ..cputhreads import choose_cpu_threads
 from .pipeline import ERROR_FILE, _read_json
 
 EXECUTORS = ("local", "submitit")
@@ -66,18 +67,18 @@ def _gpu_count() -> int:
 
 def run_local(run_dirs: Sequence[str], jobs: int = 1, on_done: Callable[[str, int], None] | None = None) -> None:
     """``jobs`` runs at a time: each holds one GPU (``CUDA_VISIBLE_DEVICES``) when there are GPUs, else an
-    equal share of the CPU cores (``OMP_NUM_THREADS``)."""
+    equal share of the free CPU cores (``OMP_NUM_THREADS``, see ``cputhreads.choose_cpu_threads``)."""
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     gpus = _gpu_count()
     if gpus and jobs > gpus:
         raise ValueError(f"--jobs {jobs}: only {gpus} GPUs are visible (one run per GPU)")
     slots: queue.Queue[dict[str, str]] = queue.Queue()
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    threads = None if gpus else choose_cpu_threads(jobs)
+    if threads is not None:
+        print(threads.line(f"sweep: {jobs} CPU run(s) at a time"), file=sys.stderr)
     for i in range(jobs):
-        slots.put(
-            {"CUDA_VISIBLE_DEVICES": str(i)} if gpus else {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        )
+        slots.put({"CUDA_VISIBLE_DEVICES": str(i)} if threads is None else threads.env())
     lock = threading.Lock()
 
     def one(run_dir: str) -> None:

@@ -40,21 +40,30 @@ def is_finished(run_dir: str | Path, spec: RunSpec | None = None) -> bool:
 
 
 def _same_settings(run_dir: Path, spec: RunSpec) -> bool:
-    """Settings equal up to options added to ``train`` since the run was made (absent there, default here),
-    so a new TrainConfig field does not turn every finished run into a stale one."""
-    import dataclasses
-
+    """Settings equal up to options added to ``train`` or ``eval`` since the run was made (absent there,
+    default here), so a new TrainConfig or EvalSettings field does not turn every finished run into a stale one."""
     from ..training import TrainConfig
+    from .config import EvalSettings
 
     stored = _read_json(run_dir / RUN_FILE)
-    if stored is None or stored.get("eval") != spec.eval or not isinstance(stored.get("train"), dict):
+    if stored is None:
         return False
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    defaults["targets"] = list(defaults.get("targets", ()))
-    old = stored["train"]
+    return _same_up_to_new_defaults(stored.get("train"), spec.train, TrainConfig) and _same_up_to_new_defaults(
+        stored.get("eval"), spec.eval, EvalSettings
+    )
+
+
+def _same_up_to_new_defaults(old: Any, new: dict[str, Any], cls: type) -> bool:
+    import dataclasses
+
+    if not isinstance(old, dict):
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    if "targets" in defaults:
+        defaults["targets"] = list(defaults["targets"])
     return all(
-        old.get(key, defaults.get(key, object())) == value for key, value in spec.train.items() if key != "out"
-    ) and set(old) <= set(spec.train)
+        old.get(key, defaults.get(key, object())) == value for key, value in new.items() if key != "out"
+    ) and set(old) <= set(new)
 
 
 def train_and_evaluate(
@@ -86,17 +95,24 @@ def train_and_evaluate(
 
     result.metrics.setdefault("moe_layers", len(find_moe_layers(model)))
     model.eval()
-    evaluation = evaluate(
-        model,
-        tokenizer,
-        eval_settings["data"],
-        split=eval_settings.get("split"),
-        max_examples=eval_settings.get("max_examples"),
-        spider_dir=eval_settings.get("spider_dir"),
-        batch_size=eval_settings.get("batch_size", 16),
-        max_new_tokens=eval_settings.get("max_new_tokens", 128),
-        progress=progress,
-    )
+
+    def score(data: str, split: str | None) -> Any:
+        return evaluate(
+            model,
+            tokenizer,
+            data,
+            split=split,
+            max_examples=eval_settings.get("max_examples"),
+            spider_dir=eval_settings.get("spider_dir"),
+            batch_size=eval_settings.get("batch_size", 16),
+            max_new_tokens=eval_settings.get("max_new_tokens", 128),
+            progress=progress,
+        )
+
+    evaluation = score(eval_settings["data"], eval_settings.get("split"))
+    evaluation.metadata["also"] = {
+        name: score(data, None).to_json() for name, data in (eval_settings.get("also") or {}).items()
+    }
     return result, evaluation
 
 
@@ -145,6 +161,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "accuracy": evaluation.accuracy,
         "accuracy_norm": evaluation.accuracy_norm,
         "correct": evaluation.correct,
+        "metrics": evaluation.metrics,
+        "also": evaluation.metadata.pop("also", {}),
         "metadata": evaluation.metadata,
         "experts_per_layer": _experts_per_layer(run_dir, result),
         "run_wall_time_s": round(time.perf_counter() - started, 3),

@@ -34,6 +34,7 @@ from ..profiling import Profile, profile_model
 from ..profiling.profiler import profile_examples
 from ..selection import Selection, make_selection
 from .config import TrainConfig
+from .convergence import convergence, loss_curve
 from .fused_loss import FusedLinearCrossEntropy, choose_fused_ce
 from .monitor import routing_monitor
 from .packing import check_packing, packing_collator
@@ -548,6 +549,7 @@ def _train_locked(
     output = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    curve = loss_curve(trainer.state.log_history)
     metrics = {
         "tool_version": __version__,
         "strategy": config.strategy,
@@ -567,6 +569,8 @@ def _train_locked(
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else output.training_loss,
         "train_loss": output.training_loss,
+        "loss_curve": curve,
+        "convergence": convergence(curve["loss"]),
         "processes": world,
         "packing": config.packing,
         "loss_kernel": loss_choice.backend or "plain",
