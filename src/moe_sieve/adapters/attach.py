@@ -18,6 +18,7 @@ from ..profiling.artifact import ProfileMismatchError
 from .config import SieveLoraConfig
 from .experts import ExpertLoRA, register_sieve_experts_implementation, use_sieve_experts
 from .lora import LoraLinear, LoraWeightDelta
+from .tokens import attach_token_rows
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -68,6 +69,8 @@ class SieveState:
 
     def params_by_group(self) -> dict[str, int]:
         totals = {"attention": 0, "router": 0, "shared": 0, "experts": 0}
+        if self.config.tokens:
+            totals["tokens"] = 0
         for module in self.modules:
             totals[module.group] += module.params
         return totals
@@ -103,6 +106,8 @@ class SieveState:
             f"trainable {self.trainable_params:,} = attention {groups['attention']:,} + router {groups['router']:,}"
             f" + shared {groups['shared']:,} + experts {groups['experts']:,}"
         )
+        if "tokens" in groups:
+            table.caption += f" + token rows {groups['tokens']:,} ({len(self.config.tokens)} tokens)"
         unplaced = [str(s) for s in self.skipped if s.layer is None]
         if unplaced:
             table.caption += "\nnot adapted: " + "; ".join(unplaced)
@@ -279,6 +284,8 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     ):
         register_sieve_experts_implementation()
         state.previous_experts_implementation = use_sieve_experts(model)
+    if config.tokens:
+        attach_token_rows(model, state, config.tokens)
     model.moe_sieve = state
     verify_adapters(model)
     return state

@@ -34,9 +34,18 @@ class SieveLoraConfig:
         default="lora",
         metadata={"help": "Router training when 'router' is a target: lora, freeze, or full (its own weights)."},
     )
+    tokens: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "Token ids whose input-embedding and output-head rows train (additive deltas; see tokens.py)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.tokens):
+            raise ValueError(f"tokens must be non-negative token ids, got {list(self.tokens)!r}")
+        self.tokens = tuple(sorted(set(self.tokens)))
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if self.alpha <= 0:
@@ -58,6 +67,7 @@ class SieveLoraConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["targets"] = list(self.targets)
+        data["tokens"] = list(self.tokens)
         return data
 
     @classmethod

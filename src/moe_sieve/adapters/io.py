@@ -22,6 +22,7 @@ from .attach import SieveState, apply_sieve_lora, trainable_parameters
 from .config import SieveLoraConfig
 from .experts import restore_experts_implementation
 from .lora import LoraLinear, LoraWeightDelta
+from .tokens import merge_token_rows
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -185,7 +186,7 @@ def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> SieveState:
 
 
 def merge_sieve_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into the base weights and remove the adapters, in place.
+    """Fold every LoRA update (and any trained token rows) into the base weights and remove the adapters, in place.
 
     The result is a plain transformers model: ``save_pretrained`` writes a checkpoint that loads with
     ``AutoModelForCausalLM.from_pretrained`` without moe-sieve.
@@ -207,6 +208,7 @@ def merge_sieve_lora(model: nn.Module) -> nn.Module:
                 parent_name, _, leaf = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, leaf, module.merged())
+        merge_token_rows(model)
         for module in list(model.modules()):
             if parametrize.is_parametrized(module, "weight") and any(
                 isinstance(p, LoraWeightDelta) for p in module.parametrizations.weight

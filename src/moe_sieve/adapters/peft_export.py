@@ -23,6 +23,10 @@ same outputs as the adapted model. How each kind of Sieve adapter maps onto PEFT
   GPT-OSS); ``rank_pattern``/``alpha_pattern`` give it rank ``2r`` and alpha ``2 * alpha``, so the scaling stays
   ``alpha / r``. Unselected experts get zero factors: exact, but the PEFT file is larger than ours because
   PEFT stores every expert.
+* Token rows (:mod:`~moe_sieve.adapters.tokens`, ``--train-tokens``): ``trainable_token_indices``, a list when
+  the embeddings are tied (PEFT ties the head to the input embedding's rows), else the same indices for the input
+  embedding and the head by module name. PEFT stores the replacement rows (``token_adapter.trainable_tokens_delta``
+  = base row + our delta), so the export writes those.
 
 Limits: PEFT's ``ParamWrapper`` refuses ``lora_dropout != 0``, so the export says ``lora_dropout=0.0``
 (dropout is a training-time setting; the trained update is the same). Expert biases (GPT-OSS) are not
@@ -56,6 +60,7 @@ from .attach import SieveState
 from .experts import ExpertLoRA, restore_experts_implementation
 from .io import _state
 from .lora import LoraLinear, LoraWeightDelta
+from .tokens import TokenRowsEmbedding, TokenRowsHead, is_tied, token_row_modules, unwrap_token_rows
 
 __all__ = ["export_peft_adapter"]
 
@@ -85,6 +90,7 @@ class _ExportPlan:
     linear_weights: dict[str, LoraLinear] = field(default_factory=dict)  # "<linear>.weight" target_parameters
     routers: dict[str, LoraWeightDelta] = field(default_factory=dict)  # "<router>.weight" target_parameters
     experts: dict[str, ExpertLoRA] = field(default_factory=dict)  # fused experts module name -> adapter
+    tokens: dict[str, TokenRowsEmbedding | TokenRowsHead] = field(default_factory=dict)  # trainable_token_indices
 
     def target_parameters(self) -> list[str]:
         names = [*self.linear_weights, *self.routers]
@@ -149,7 +155,8 @@ def _plan(model: nn.Module) -> _ExportPlan:
         if isinstance(lora, ExpertLoRA):
             _check_experts(name, module, lora)
             plan.experts[name] = lora
-    if not (plan.linears or plan.linear_weights or plan.routers or plan.experts):
+    plan.tokens = token_row_modules(model)
+    if not (plan.linears or plan.linear_weights or plan.routers or plan.experts or plan.tokens):
         raise ValueError("the model's Sieve state lists no adapted module")
     return plan
 
@@ -182,6 +189,7 @@ def _bare_copy(model: nn.Module, state: SieveState) -> nn.Module:
             _unparametrize(module)
         if isinstance(getattr(module, "sieve_lora", None), ExpertLoRA):
             del module.sieve_lora
+    unwrap_token_rows(bare)
     if state.previous_experts_implementation is not None:
         restore_experts_implementation(bare, state.previous_experts_implementation)
     del bare.moe_sieve
@@ -204,6 +212,7 @@ def _lora_config(plan: _ExportPlan, state: SieveState, base_model: str | None, t
         if module.r != r or abs(module.scaling - alpha / r) > 1e-12 * max(1.0, alpha / r):
             raise ValueError(f"{name}: adapter rank/scaling differ from the Sieve config")
     return LoraConfig(
+        trainable_token_indices=_token_indices(plan),
         r=r,
         lora_alpha=alpha,
         lora_dropout=0.0,
@@ -215,6 +224,44 @@ def _lora_config(plan: _ExportPlan, state: SieveState, base_model: str | None, t
         base_model_name_or_path=base_model,
         task_type=task_type,
     )
+
+
+def _token_indices(plan: _ExportPlan) -> list[int] | dict[str, list[int]] | None:
+    """PEFT's ``trainable_token_indices``: a list (the input embedding, with the head tied to it by PEFT) when the
+    embeddings are tied, else the same indices for the input embedding and the head by module name."""
+    if not plan.tokens:
+        return None
+    heads = [m for m in plan.tokens.values() if isinstance(m, TokenRowsHead)]
+    tied = any(head.tied is not None for head in heads)
+    if tied:
+        return next(m for m in plan.tokens.values() if isinstance(m, TokenRowsEmbedding)).token_ids.tolist()
+    return {name: module.token_ids.tolist() for name, module in plan.tokens.items()}
+
+
+def _copy_token_rows(inner: nn.Module, plan: _ExportPlan) -> None:
+    """Write PEFT's ``trainable_tokens_delta`` (the replacement rows: base row + our delta) for each wrapped layer."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    wrapped = {name for name, module in inner.named_modules() if isinstance(module, TrainableTokensWrapper)}
+    tied = any(isinstance(m, TokenRowsHead) and m.tied is not None for m in plan.tokens.values())
+    if wrapped != set(plan.tokens):
+        raise NotImplementedError(
+            f"PEFT put trainable tokens on {sorted(wrapped)}, the adapter trains rows of {sorted(plan.tokens)}"
+        )
+    for name, module in plan.tokens.items():
+        adapter = inner.get_submodule(name).token_adapter
+        if isinstance(module, TokenRowsHead) and module.tied is not None:
+            if adapter.tied_adapter is None:
+                raise NotImplementedError(f"{name}: PEFT did not tie the head's token rows to the input embedding")
+            continue
+        if tied and adapter.tied_adapter is not None:
+            raise NotImplementedError(f"{name}: PEFT tied token rows the adapter trains separately")
+        if list(adapter.token_indices[ADAPTER_NAME]) != module.token_ids.tolist():
+            raise RuntimeError(f"{name}: PEFT token indices {adapter.token_indices[ADAPTER_NAME]} differ from ours")
+        base = module.base_layer.weight
+        rows = base[module.token_ids].to(module.token_delta.dtype) + module.token_delta.detach()
+        target = adapter.trainable_tokens_delta[ADAPTER_NAME]
+        target.data = rows.to(target.dtype).clone()
 
 
 @contextlib.contextmanager
@@ -352,6 +399,11 @@ def export_peft_adapter(
 
     state = _state(model)
     plan = _plan(model)
+    if plan.tokens and bool(getattr(model.config, "tie_word_embeddings", False)) != is_tied(model):
+        raise NotImplementedError(
+            "the config's tie_word_embeddings disagrees with the model's weights (tied: "
+            f"{is_tied(model)}); PEFT ties trainable token rows by the config, so they would not load as trained"
+        )
     task_type = "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = _lora_config(plan, state, base_model, task_type)
@@ -380,6 +432,8 @@ def export_peft_adapter(
                 for projection in (_first_projection(lora), "down_proj"):
                     wrapper = _param_wrapper(inner.get_submodule(name), projection)
                     _copy_experts(wrapper, lora, projection, f"{name}.{projection}")
+            if plan.tokens:
+                _copy_token_rows(inner, plan)
         with atomic_dir(path, overwrite) as tmp:
             peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
     return Path(path)

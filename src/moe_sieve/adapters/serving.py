@@ -19,6 +19,10 @@ reads, from the adapted model's factors alone (no PEFT involved):
   ``gate_up_proj`` (``A = [A_gate; A_up]``, block-diagonal ``B``); vLLM's ``FusedMoE3DWithLoRA`` keeps one
   rank for the adapter, so every other module is zero-padded to rank ``2r`` and ``lora_alpha`` doubled (the
   scaling ``alpha / r`` is unchanged, the update exact).
+* Trained token rows (``--train-tokens``) are refused: vLLM's loader (``vllm/lora/lora_model.py``
+  ``from_lora_tensors`` -> ``utils.parse_fine_tuned_lora_name``) accepts only ``lora_A``/``lora_B``,
+  ``lora_embedding_A/B`` and bias tensors and raises on PEFT's ``token_adapter.trainable_tokens_delta``; SGLang
+  reads ``lora_A``/``lora_B`` pairs only.
 * Routers: vLLM puts LoRA on a router only where the model's gate is its ``GateLinear``
   (``ArchSpec.serving_router_lora``); SGLang cannot put LoRA on router gates. Elsewhere the export is refused
   with the options that work. ``modules_to_save`` is never written (vLLM rejects it).
@@ -63,6 +67,7 @@ from .experts import ExpertLoRA
 from .io import _state
 from .lora import LoraLinear
 from .peft_export import _expert_factors, _first_projection, _router_delta
+from .tokens import token_row_modules
 
 __all__ = ["SERVING_ENGINES", "ServingExport", "export_serving_adapter", "serving_tensors"]
 
@@ -194,6 +199,11 @@ def serving_tensors(model: nn.Module, engine: Engine) -> tuple[dict[str, torch.T
     if engine not in SERVING_ENGINES:
         raise ValueError(f"unknown serving engine {engine!r}; choose one of {', '.join(SERVING_ENGINES)}")
     state = _state(model)
+    if token_row_modules(model):
+        raise ValueError(
+            f"{engine} cannot load trained token rows (--train-tokens: {len(state.config.tokens)} tokens; its LoRA "
+            "loader reads lora_A/lora_B pairs only); export --format merged, or --format peft for PEFT"
+        )
     spec = get_arch(model)
     layers = find_moe_layers(model, spec)
     router_names = {layer.router_name for layer in layers}

@@ -45,6 +45,12 @@ class TrainConfig:
     alpha: float = _help("LoRA alpha.", 64.0)
     dropout: float = _help("LoRA dropout.", 0.05)
     targets: tuple[str, ...] = _help("Module groups to adapt.", ("attention", "router", "shared", "experts"))
+    train_tokens: str = _help(
+        "Also train the input-embedding and output-head rows of these tokens (row deltas saved with the adapter): "
+        "none, auto (completion tokens whose rows look untrained, which train warns about), or a comma list of "
+        "tokens and ids (may include auto).",
+        "none",
+    )
     # Routed-PEFT (--method routed): adapters only; --r/--alpha/--dropout size them, --strategy picks E's experts
     method: str = _help("sieve (LoRA on the selected experts) or routed (Routed-PEFT adapters, nothing else).", "sieve")
     variant: str = _help("routed: S, D, R or E (E: experts from --strategy; full = all experts).", "E")
@@ -131,6 +137,12 @@ class TrainConfig:
 
         if self.fused_ce not in FUSED_CE_CHOICES:
             raise ValueError(f"--fused-ce must be one of {', '.join(FUSED_CE_CHOICES)}, got {self.fused_ce!r}")
+        if isinstance(self.train_tokens, (list, tuple)):  # a YAML list of tokens and ids
+            self.train_tokens = ",".join(str(t) for t in self.train_tokens)
+        if not isinstance(self.train_tokens, str) or not self.train_tokens.strip():
+            raise ValueError(f"--train-tokens must be none, auto or a comma list of tokens, got {self.train_tokens!r}")
+        if self.train_tokens.strip() != "none" and self.method == "routed":
+            raise ValueError("--train-tokens needs --method sieve (Routed-PEFT adapters hold no token rows)")
         if self.method not in ("sieve", "routed"):
             raise ValueError(f"--method must be sieve or routed, got {self.method!r}")
         if self.method == "routed":

@@ -28,6 +28,7 @@ from .._io import (
 from .._version import __version__
 from ..adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter
 from ..adapters.io import gather_factors
+from ..adapters.tokens import train_token_rows
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from ..profiling import Profile, profile_model
@@ -170,10 +171,12 @@ def check_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
         if record is None:
             raise FileNotFoundError(f"--resume: {run_dir / 'config.json'} not found; {run_dir} holds no run to resume")
         now = config.to_json()
+        # a setting added to train since the run started is absent from its record: it ran with the default
+        saved = {**TrainConfig(model="", data="", out="").to_json(), **record["train"]}
         changed = {
-            key: (record["train"].get(key), value)
+            key: (saved.get(key), value)
             for key, value in now.items()
-            if key not in RESUMABLE_SETTINGS and record["train"].get(key) != value
+            if key not in RESUMABLE_SETTINGS and saved.get(key) != value
         }
         if changed:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
@@ -480,6 +483,8 @@ def _train_locked(
 
         Console(stderr=True).print(sieve.table())
     dataset, report = build_sft_dataset(examples, tokenizer, config.max_length, overflow=config.overflow)
+    labels = dataset["labels"]  # untrained completion tokens: warn, and attach their rows under --train-tokens
+    train_token_rows(model, tokenizer, labels, config.train_tokens, method=config.method, log=state.is_main_process)
     if state.is_main_process:
         atomic_write_json(work / "data_report.json", report.to_json())
         print(report.summary(), file=sys.stderr)
