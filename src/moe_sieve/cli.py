@@ -330,23 +330,47 @@ def select(
     )
 
 
+MetricOpt = Annotated[
+    str,
+    typer.Option(
+        help="Metric column of results.csv: accuracy, accuracy_norm, gold_prob, result_prob (proportions: Δ and "
+        "margins in pp), gold_logprob, gold_nll_per_token, result_logprob, result_nll_per_token (nats), or any "
+        "other numeric column (its own units)."
+    ),
+]
+UnitOpt = Annotated[
+    str | None,
+    typer.Option(help="Override the metric's unit: pp (a proportion in [0, 1]), nats, or raw (the column as is)."),
+]
+MarginsOpt = Annotated[
+    str,
+    typer.Option(help="TOST equivalence margins in the metric's unit (pp for proportions, nats for log-likelihoods)."),
+]
+
+
 @app.command("compare-runs")
 def compare_runs_command(
     results: Annotated[Path, typer.Argument(help="CSV with model, task, condition, seed and the metric column.")],
     reference: Annotated[
         str, typer.Option(help="Condition every other one is compared with, per model/task.")
     ] = "full",
-    margins: Annotated[str, typer.Option(help="TOST equivalence margins in percentage points.")] = "1,2,3",
-    metric: Annotated[str, typer.Option(help="Metric column, a fraction in [0, 1].")] = "accuracy",
+    margins: MarginsOpt = "1,2,3",
+    metric: MetricOpt = "accuracy",
+    unit: UnitOpt = None,
     alpha: Annotated[float, typer.Option(help="Significance level of the TOST verdicts.")] = 0.05,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Mean and seed std per condition; paired per-seed delta vs --reference with a 95% t interval, the
-    paired t-test, TOST equivalence at each margin and the seed-std ratio (paper Tables 3, 6, 8)."""
+    paired t-test, TOST equivalence at each margin and the seed-std ratio (paper Tables 3, 6, 8). Warns when a
+    compared condition holds runs whose training had not converged (results.csv column converged)."""
     from .reporting import comparison_table
-    from .runstats import compare_runs_csv
+    from .runstats import compare_runs_csv, convergence_warning, metric_info, unit_note
 
-    rows, skipped = compare_runs_csv(results, reference, margins, metric, alpha)
+    rows, skipped = compare_runs_csv(results, reference, margins, metric, alpha, unit=unit)
+    for prefix, line in (("Note", unit_note(metric_info(metric, unit))), ("Warning", convergence_warning(rows))):
+        if line:
+            err_console.print(f"[bold yellow]{prefix}:[/] ", end="")
+            err_console.print(line, markup=False, highlight=False)
     if as_json:
         print(json.dumps([row.to_json() for row in rows], indent=2))
         return
@@ -366,17 +390,21 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: STUDY_DIR/report.html).")] = None,
     md: Annotated[Path | None, typer.Option(help="Markdown twin (default: the HTML path with .md).")] = None,
     reference: Annotated[str, typer.Option(help="Condition the others are compared with.")] = "full",
-    margins: Annotated[str, typer.Option(help="TOST equivalence margins in percentage points.")] = "1,2,3",
+    margins: MarginsOpt = "1,2,3",
+    metric: MetricOpt = "accuracy",
+    unit: UnitOpt = None,
     k: KOpt = "25%",
     stability_trials: Annotated[int, typer.Option(help="Subsample-stability trials per dataset (0 to skip).")] = 50,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
 ) -> None:
     """One self-contained HTML page (figures embedded) and a Markdown twin with every table and figure of the
-    paper the study has data for; sections without data are left out."""
+    paper the study has data for, plus the claims table, forest plot and learning curves; sections without
+    data are left out."""
     from ._io import ensure_writable
     from .report import write_report
-    from .runstats import parse_margins
+    from .runstats import metric_info, parse_margins
 
+    info = metric_info(metric, unit)
     out = out or study_dir / "report.html"
     md = md or out.with_suffix(".md")
     for path in (out, md):
@@ -386,10 +414,12 @@ def report(
         out,
         md,
         reference=reference,
-        margins=parse_margins(margins),
+        margins=parse_margins(margins, info.unit),
         k=k,
         stability_trials=stability_trials,
         overwrite=True,
+        metric=metric,
+        unit=unit,
     )
     console.print(
         f"[green]report written[/] to {paths['html']} and {paths['md']}: {len(paths['sections'])} sections "

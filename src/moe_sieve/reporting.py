@@ -35,23 +35,28 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def comparison_table(rows: list, metric: str = "accuracy") -> Table:
-    """compare-runs rows (runstats.ComparisonRow) as a terminal table."""
+def comparison_table(rows: list, metric: str | None = None) -> Table:
+    """compare-runs rows (runstats.ComparisonRow) as a terminal table; differences and margins in the rows' unit
+    (pp for proportions, nats for log-likelihoods)."""
     margins = sorted({m for row in rows for m in row.tost}, key=float)
     reference = rows[0].reference if rows else "?"
-    table = Table(title=f"{metric}: paired comparison with {reference!r} (seeds paired by value)")
-    for column in ("model", "task", "condition", "n", "mean", "std", "Δ pp [95% CI]", "t-test p"):
+    unit = rows[0].unit if rows else "pp"
+    metric = metric or (rows[0].metric if rows else "accuracy")
+    gap = "" if unit == "pp" else " "
+    table = Table(title=f"{metric}: paired comparison with {reference!r} (seeds paired by value; Δ in {unit})")
+    for column in ("model", "task", "condition", "n", "mean", "std", f"Δ {unit} [95% CI]", "t-test p"):
         table.add_column(column, justify="left" if column in ("model", "task", "condition") else "right")
     for m in margins:
-        table.add_column(f"TOST {m}pp p", justify="right")
+        table.add_column(f"TOST {m}{gap}{unit} p", justify="right")
     table.add_column("std ratio", justify="right")
     table.add_column("paired (missing)", justify="right")
+    digits = ".2f" if unit == "pp" else ".4f"
     for row in rows:
         delta = "-"
-        if row.delta_pp is not None:
-            delta = f"{row.delta_pp:+.2f}"
-            if row.ci_low_pp is not None:
-                delta += f" [{row.ci_low_pp:+.2f}, {row.ci_high_pp:+.2f}]"
+        if row.delta is not None:
+            delta = format(row.delta, "+" + digits)
+            if row.ci_low is not None:
+                delta += f" [{row.ci_low:+{digits}}, {row.ci_high:+{digits}}]"
         tost = []
         for m in margins:
             t = row.tost.get(m)
@@ -60,7 +65,7 @@ def comparison_table(rows: list, metric: str = "accuracy") -> Table:
         table.add_row(
             row.model,
             row.task,
-            row.condition,
+            row.condition + (" †" if row.unconverged_seeds else ""),
             str(row.n),
             f"{row.mean:.4f}",
             _num(row.std, ".4f"),

@@ -3,12 +3,18 @@ paired per-seed deltas against a reference condition with a t confidence interva
 equivalence at several margins and the seed-std ratio.
 
 Runs pair by seed value: a seed present on one side only is left out of the paired numbers and counted.
-Metrics are fractions in [0, 1]; deltas, intervals and margins are in percentage points.
+
+Units come from the metric registry (:data:`METRICS`, extend it with :func:`register_metric`): a proportion
+(accuracy, gold_prob, ...) is a fraction in [0, 1] whose deltas, intervals and margins are in percentage points
+(pp); a log-likelihood (gold_logprob, gold_nll_per_token, ...) is in nats, and so are its deltas and margins.
+A column the registry does not know is read as a number in its own units ("raw": no scaling, no range check),
+unless ``unit`` says otherwise, so a margin is never silently multiplied by 100.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +24,73 @@ from typing import Any
 import numpy as np
 
 REQUIRED_COLUMNS = ("model", "task", "condition", "seed")
+CONVERGED_COLUMN = "converged"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """How a metric's paired differences and equivalence margins are expressed."""
+
+    name: str  # short label in tables and JSON: "pp", "nats", "raw"
+    scale: float  # a difference in this unit = scale * the difference of the raw values
+    bounds: tuple[float, float] | None  # values outside are refused (a proportion is in [0, 1])
+    label: str  # long name, for help texts and captions
+
+
+PP = Unit("pp", 100.0, (0.0, 1.0), "percentage points")
+NATS = Unit("nats", 1.0, None, "nats")
+RAW = Unit("raw", 1.0, None, "the column's own units")
+UNITS = {u.name: u for u in (PP, NATS, RAW)}
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A metric column: its unit and which direction is better (for verdicts such as "hot beats random")."""
+
+    name: str
+    unit: Unit
+    higher_is_better: bool = True
+    help: str = ""
+    registered: bool = True
+
+
+METRICS: dict[str, MetricInfo] = {}
+
+
+def register_metric(name: str, unit: Unit, higher_is_better: bool = True, help: str = "") -> MetricInfo:
+    """Make ``name`` a known metric column (``compare-runs --metric`` and ``report --metric`` use its unit)."""
+    METRICS[name] = MetricInfo(name, unit, higher_is_better, help)
+    return METRICS[name]
+
+
+register_metric("accuracy", PP, help="share of rows answered correctly")
+register_metric("accuracy_norm", PP, help="length-normalised multiple-choice accuracy")
+register_metric("gold_prob", PP, help="mean over rows of P(gold completion | prompt), a soft accuracy")
+register_metric("result_prob", PP, help="mean over rows of P(the '= N' result tokens of the worked chain)")
+register_metric("gold_logprob", NATS, help="mean over rows of log P(gold completion | prompt)")
+register_metric("gold_nll_per_token", NATS, higher_is_better=False, help="gold completion's NLL per token")
+register_metric("result_logprob", NATS, help="mean over rows of log P(result tokens)")
+register_metric("result_nll_per_token", NATS, higher_is_better=False, help="result tokens' NLL per token")
+
+
+def metric_info(metric: str, unit: str | None = None) -> MetricInfo:
+    """The registered metric, or an unknown column in raw units; ``unit`` (pp, nats, raw) overrides the unit."""
+    info = METRICS.get(metric) or MetricInfo(metric, RAW, True, "", registered=False)
+    if unit is None:
+        return info
+    if unit not in UNITS:
+        raise ValueError(f"--unit {unit!r}: expected one of {', '.join(UNITS)}")
+    return dataclasses.replace(info, unit=UNITS[unit])
+
+
+def unit_note(info: MetricInfo) -> str | None:
+    """One line for a metric whose unit is a guess (not registered and no --unit), else None."""
+    if info.registered or info.unit is not RAW:
+        return None
+    return (
+        f"{info.name} is not a registered metric: its values, deltas and margins are taken in the column's own "
+        f"units, higher is better (pass --unit pp for a proportion, --unit nats for a log-likelihood)"
+    )
 
 
 @dataclass
@@ -30,12 +103,17 @@ class RunRecord:
     seed: int
     value: float
     source: str
+    converged: bool | None = None
 
 
 @dataclass
 class ComparisonRow:
     """Statistics of one (model, task, condition); the paired fields are None for the reference itself,
-    when the reference is absent, or when fewer than two seeds pair up."""
+    when the reference is absent, or when fewer than two seeds pair up.
+
+    ``mean`` and ``std`` are in the metric's own scale (fractions for a proportion); ``delta``, ``ci_low``,
+    ``ci_high`` and the TOST margins are in ``unit``. The ``*_pp`` fields repeat them for a proportion (unit pp)
+    and are None otherwise."""
 
     model: str
     task: str
@@ -53,6 +131,12 @@ class ComparisonRow:
     ttest_p: float | None = None
     tost: dict[str, dict[str, Any]] = field(default_factory=dict)
     std_ratio: float | None = None
+    metric: str = "accuracy"
+    unit: str = "pp"
+    delta: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    unconverged_seeds: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,8 +146,8 @@ def _margin_key(margin: float) -> str:
     return f"{margin:g}"
 
 
-def parse_margins(text: str | Sequence[float]) -> list[float]:
-    """``"1,2,3"`` -> [1.0, 2.0, 3.0]: positive equivalence margins in percentage points."""
+def parse_margins(text: str | Sequence[float], unit: Unit = PP) -> list[float]:
+    """``"1,2,3"`` -> [1.0, 2.0, 3.0]: positive equivalence margins in the metric's unit (pp by default)."""
     items = text.split(",") if isinstance(text, str) else list(text)
     margins = []
     for item in items:
@@ -72,18 +156,31 @@ def parse_margins(text: str | Sequence[float]) -> list[float]:
         try:
             value = float(item)
         except (TypeError, ValueError):
-            raise ValueError(f"--margins: {item!r} is not a number (give margins in pp, e.g. 1,2,3)") from None
+            raise ValueError(f"--margins: {item!r} is not a number (give margins in {unit.name}, e.g. 1,2,3)") from None
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"--margins: {item!r} must be a positive number of percentage points")
+            raise ValueError(f"--margins: {item!r} must be a positive number of {unit.label}")
         margins.append(value)
     if not margins:
-        raise ValueError("--margins: give at least one margin in percentage points, e.g. 1,2,3")
+        raise ValueError(f"--margins: give at least one margin in {unit.label}, e.g. 1,2,3")
     return margins
 
 
-def read_runs(path: str | Path, metric: str = "accuracy") -> tuple[list[RunRecord], int]:
+def _converged(raw: str | None, where: str) -> bool | None:
+    text = (raw or "").strip().lower()
+    if text in ("", "nan", "none", "null"):
+        return None
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{where}: {CONVERGED_COLUMN} {raw!r} is not True or False")
+
+
+def read_runs(path: str | Path, metric: str = "accuracy", unit: str | None = None) -> tuple[list[RunRecord], int]:
     """The runs of a results CSV that have ``metric``; returns them and how many rows lack it (failed or
-    unfinished runs). Any CSV with ``model, task, condition, seed`` and the metric column works."""
+    unfinished runs). Any CSV with ``model, task, condition, seed`` and the metric column works; an optional
+    ``converged`` column (True/False/blank) is kept per run."""
+    info = metric_info(metric, unit)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a results CSV with columns {', '.join(REQUIRED_COLUMNS)})")
@@ -106,8 +203,14 @@ def read_runs(path: str | Path, metric: str = "accuracy") -> tuple[list[RunRecor
                 value = float(raw)
             except ValueError:
                 raise ValueError(f"{where}: {metric} {raw!r} is not a number") from None
-            if not 0 <= value <= 1:
-                raise ValueError(f"{where}: {metric} {raw} is outside [0, 1] (metrics are fractions)")
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: {metric} {raw!r} is not finite")
+            bounds = info.unit.bounds
+            if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                raise ValueError(
+                    f"{where}: {metric} {raw} is outside [{bounds[0]:g}, {bounds[1]:g}] ({metric} is a proportion, "
+                    f"a fraction whose differences are reported in {info.unit.name})"
+                )
             try:
                 seed_f = float((row.get("seed") or "").strip())
                 if not seed_f.is_integer():
@@ -122,7 +225,8 @@ def read_runs(path: str | Path, metric: str = "accuracy") -> tuple[list[RunRecor
                     f"appears at {seen[key]}"
                 )
             seen[key] = where
-            runs.append(RunRecord(row["model"], row["task"], row["condition"], seed, value, where))
+            converged = _converged(row.get(CONVERGED_COLUMN), where)
+            runs.append(RunRecord(row["model"], row["task"], row["condition"], seed, value, where, converged))
     return runs, skipped
 
 
@@ -131,25 +235,27 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _paired(diff_N: np.ndarray, margins: Sequence[float], alpha: float, confidence: float) -> dict[str, Any]:
-    """t interval, paired t-test and TOST of per-seed differences (fractions) in percentage points."""
+def _paired(
+    diff_N: np.ndarray, margins: Sequence[float], alpha: float, confidence: float, unit: Unit = PP
+) -> dict[str, Any]:
+    """t interval, paired t-test and TOST of per-seed differences (raw values), reported in ``unit``."""
     from scipy import stats
 
     n = len(diff_N)
-    out: dict[str, Any] = {"delta_pp": float(100 * diff_N.mean())}
+    out: dict[str, Any] = {"delta": float(unit.scale * diff_N.mean())}
     if n < 2:
-        return out
+        return _with_pp(out, unit)
     test = stats.ttest_1samp(diff_N, 0.0)
     ci = test.confidence_interval(confidence_level=confidence)
     out.update(
-        ci_low_pp=_finite(100 * ci.low),
-        ci_high_pp=_finite(100 * ci.high),
+        ci_low=_finite(unit.scale * ci.low),
+        ci_high=_finite(unit.scale * ci.high),
         ttest_p=_finite(test.pvalue),
     )
     tost = {}
     for margin in margins:
         # Two one-sided tests (Schuirmann): H0 delta <= -m (reject: greater) and H0 delta >= +m (reject: less).
-        m = margin / 100
+        m = margin / unit.scale
         p_lower = _finite(stats.ttest_1samp(diff_N, -m, alternative="greater").pvalue)
         p_upper = _finite(stats.ttest_1samp(diff_N, m, alternative="less").pvalue)
         p = None if p_lower is None or p_upper is None else max(p_lower, p_upper)
@@ -160,6 +266,13 @@ def _paired(diff_N: np.ndarray, margins: Sequence[float], alpha: float, confiden
             "equivalent": p is not None and p < alpha,
         }
     out["tost"] = tost
+    return _with_pp(out, unit)
+
+
+def _with_pp(out: dict[str, Any], unit: Unit) -> dict[str, Any]:
+    """The unit-neutral numbers, repeated under the ``*_pp`` keys of earlier versions for a proportion."""
+    if unit.name == PP.name:
+        out.update({f"{key}_pp": out[key] for key in ("delta", "ci_low", "ci_high") if key in out})
     return out
 
 
@@ -169,15 +282,22 @@ def compare_runs(
     margins: Sequence[float] = (1.0, 2.0, 3.0),
     alpha: float = 0.05,
     confidence: float = 0.95,
+    metric: str = "accuracy",
+    unit: str | None = None,
 ) -> list[ComparisonRow]:
-    """One row per (model, task, condition), sorted, with paired statistics against ``reference``."""
+    """One row per (model, task, condition), sorted, with paired statistics against ``reference``; differences
+    and ``margins`` in the unit of ``metric`` (see :func:`metric_info`)."""
+    info = metric_info(metric, unit)
     if not 0 < alpha < 1:
         raise ValueError(f"--alpha must be in (0, 1), got {alpha}")
     if not 0 < confidence < 1:
         raise ValueError(f"--confidence must be in (0, 1), got {confidence}")
     groups: dict[tuple[str, str, str], dict[int, float]] = {}
+    unconverged: dict[tuple[str, str, str], list[int]] = {}
     for run in runs:
         groups.setdefault((run.model, run.task, run.condition), {})[run.seed] = run.value
+        if run.converged is False:
+            unconverged.setdefault((run.model, run.task, run.condition), []).append(run.seed)
     if not groups:
         raise ValueError("no finished runs to compare (every row lacks the metric)")
     conditions = {condition for _, _, condition in groups}
@@ -197,6 +317,9 @@ def compare_runs(
             std=float(values.std(ddof=1)) if len(values) > 1 else None,
             seeds=sorted(by_seed),
             reference=reference,
+            metric=metric,
+            unit=info.unit.name,
+            unconverged_seeds=sorted(unconverged.get((model, task, condition), [])),
         )
         ref = groups.get((model, task, reference))
         if condition != reference and ref is not None:
@@ -205,7 +328,7 @@ def compare_runs(
             row.unpaired_seeds = sorted(set(by_seed) ^ set(ref))
             if common:
                 diff_N = np.array([by_seed[s] - ref[s] for s in common], dtype=np.float64)
-                for key, value in _paired(diff_N, margins, alpha, confidence).items():
+                for key, value in _paired(diff_N, margins, alpha, confidence, info.unit).items():
                     setattr(row, key, value)
             ref_values = np.array(list(ref.values()), dtype=np.float64)
             if row.std is not None and len(ref_values) > 1 and ref_values.std(ddof=1) > 0:
@@ -221,7 +344,33 @@ def compare_runs_csv(
     metric: str = "accuracy",
     alpha: float = 0.05,
     confidence: float = 0.95,
+    unit: str | None = None,
 ) -> tuple[list[ComparisonRow], int]:
     """:func:`compare_runs` over a results CSV; also returns how many rows had no metric."""
-    runs, skipped = read_runs(path, metric)
-    return compare_runs(runs, reference, parse_margins(margins), alpha, confidence), skipped
+    info = metric_info(metric, unit)
+    runs, skipped = read_runs(path, metric, unit)
+    rows = compare_runs(runs, reference, parse_margins(margins, info.unit), alpha, confidence, metric, unit)
+    return rows, skipped
+
+
+def convergence_warning(rows: Sequence[ComparisonRow]) -> str | None:
+    """One line naming the compared conditions that hold runs recorded as not converged (None if there are
+    none): their differences may measure how fast a condition learns rather than where it ends up."""
+    flagged = [r for r in rows if r.unconverged_seeds]
+    if not flagged:
+        return None
+    several = len({(r.model, r.task) for r in rows}) > 1
+
+    def name(r: ComparisonRow) -> str:
+        seeds = ", ".join(str(s) for s in r.unconverged_seeds)
+        label = f"{r.model}/{r.task}/{r.condition}" if several else r.condition
+        return (
+            f"{label} ({len(r.unconverged_seeds)} of {r.n}: seed{'s' if len(r.unconverged_seeds) > 1 else ''} {seeds})"
+        )
+
+    total = sum(len(r.unconverged_seeds) for r in flagged)
+    return (
+        f"{total} run(s) in {len(flagged)} condition(s) did not converge (converged=False): "
+        + "; ".join(name(r) for r in flagged)
+        + ". Their differences may measure learning speed rather than what the adapters reach."
+    )

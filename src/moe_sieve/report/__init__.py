@@ -33,6 +33,9 @@ td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}tr:hover td{background:#fa
 caption{caption-side:bottom;text-align:left;color:#667085;font-size:12px;padding-top:4px}
 figure{margin:10px 0 18px}figure img{max-width:100%;border:1px solid #eef0f4;border-radius:4px}
 figcaption{color:#667085;font-size:12px}.note{color:#667085;font-size:12.5px}
+table.text td,table.text th{text-align:left;vertical-align:top}
+td.verdict{font-weight:600;white-space:nowrap}td.held{background:#e3f4e6;color:#1b5e20}
+td.not-held{background:#fde8e6;color:#8e1b10}td.untestable{background:#f1f2f5;color:#475467}
 """
 
 
@@ -42,10 +45,13 @@ def build_sections(
     margins: Sequence[float] = (1.0, 2.0, 3.0),
     k: str = "25%",
     stability_trials: int = 50,
+    metric: str = "accuracy",
+    unit: str | None = None,
 ) -> tuple[list[Section], Any]:
-    """The sections of the report of ``study_dir`` (and the study data they came from)."""
+    """The sections of the report of ``study_dir`` (and the study data they came from); the results sections
+    compare ``metric`` (any numeric results.csv column, in its registered unit; see runstats.METRICS)."""
     data = load_study(study_dir, k=k, stability_trials=stability_trials)
-    sections = results_sections(data, reference, margins)
+    sections = results_sections(data, reference, margins, metric=metric, unit=unit, k=k)
     sections += profiling_sections(data)
     allocation = allocation_section(data)
     if allocation is not None:
@@ -58,9 +64,19 @@ def build_sections(
 
 def _html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table.rows)
+    classes = table.cell_classes or [[""] * len(row) for row in table.rows]
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='{html.escape(k)}'>{html.escape(c)}</td>" if k else f"<td>{html.escape(c)}</td>"
+            for c, k in zip(row, kinds, strict=True)
+        )
+        + "</tr>"
+        for row, kinds in zip(table.rows, classes, strict=True)
+    )
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    css = f" class='{html.escape(table.css_class)}'" if table.css_class else ""
+    return f"<table{css}>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _md_cell(text: str) -> str:
@@ -90,6 +106,8 @@ def write_report(
     k: str = "25%",
     stability_trials: int = 50,
     overwrite: bool = True,
+    metric: str = "accuracy",
+    unit: str | None = None,
 ) -> dict[str, Any]:
     """Write the HTML report (figures embedded) and its Markdown twin (figures as PNG files in
     ``<md stem>_files/``); returns ``{"html", "md", "figures", "sections"}``.
@@ -100,7 +118,7 @@ def write_report(
     out_md = Path(out_md) if out_md is not None else out_html.with_suffix(".md")
     for path in (out_html, out_md):
         ensure_writable(path, overwrite)
-    sections, data = build_sections(study_dir, reference, margins, k, stability_trials)
+    sections, data = build_sections(study_dir, reference, margins, k, stability_trials, metric, unit)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"moe-sieve study report: {Path(study_dir).resolve().name}"
     meta = f"{Path(study_dir).resolve()} · generated {now} by moe-sieve {__version__}"

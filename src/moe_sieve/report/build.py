@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..runstats import ComparisonRow, compare_runs, read_runs
+from ..runstats import ComparisonRow, MetricInfo, RunRecord, compare_runs, metric_info, read_runs, unit_note
 from . import figures
-from .data import StudyData, _float
+from .data import RunInfo, StudyData, _float
 
 
 @dataclass
@@ -19,6 +20,8 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     caption: str = ""
+    cell_classes: list[list[str]] | None = None  # an HTML class per cell (e.g. the claims' verdict colours)
+    css_class: str = ""  # an HTML class of the table ("text": every column left-aligned)
 
 
 @dataclass
@@ -337,27 +340,62 @@ def allocation_section(data: StudyData) -> Section | None:
 
 # --- fine-tuning results ------------------------------------------------------------------------------------
 
+NOT_CONVERGED = "†"
 
-def _comparison_rows(rows: Sequence[ComparisonRow], margins: Sequence[float]) -> list[list[str]]:
+
+@dataclass
+class ResultsContext:
+    """What every results section needs: the metric, its runs and statistics, and each condition's role."""
+
+    data: StudyData
+    info: MetricInfo
+    records: list[RunRecord]
+    compared: list[ComparisonRow]
+    ref: str | None
+    margins: Sequence[float]
+    alpha: float
+    cond_info: dict[str, tuple[str | None, int | None]]
+    runs: list[RunInfo]  # the runs with a value of the metric
+
+    @property
+    def unit(self) -> str:
+        return self.info.unit.name
+
+    def diff(self, value: float | None, sign: bool = True) -> str:
+        """A difference in the metric's unit: 2 decimals for pp, 3 for nats and raw."""
+        digits = ".2f" if self.unit == "pp" else ".3f"
+        return "–" if value is None else format(value, ("+" if sign else "") + digits)
+
+    def ci(self, row: ComparisonRow) -> str:
+        return "–" if row.ci_low is None else f"[{self.diff(row.ci_low)}, {self.diff(row.ci_high)}]"
+
+    def condition_cell(self, row: ComparisonRow) -> str:
+        return row.condition + (f" {NOT_CONVERGED}" if row.unconverged_seeds else "")
+
+    def n_cell(self, row: ComparisonRow) -> str:
+        flagged = len(row.unconverged_seeds)
+        return f"{row.n} ({flagged} {NOT_CONVERGED})" if flagged else str(row.n)
+
+
+def _comparison_rows(ctx: ResultsContext) -> list[list[str]]:
     out = []
-    for r in rows:
+    for r in ctx.compared:
         if r.condition == r.reference:
             continue
-        ci = "–" if r.ci_low_pp is None else f"[{r.ci_low_pp:+.2f}, {r.ci_high_pp:+.2f}]"
         tost = []
-        for m in margins:
+        for m in ctx.margins:
             t = r.tost.get(f"{m:g}")
             tost.append("–" if not t or t["p"] is None else f"{t['p']:.3f}{' ✓' if t['equivalent'] else ''}")
         out.append(
             [
                 r.model,
                 r.task,
-                r.condition,
+                ctx.condition_cell(r),
                 f"{r.n_paired}" + (f" (+{len(r.unpaired_seeds)} unpaired)" if r.unpaired_seeds else "")
                 if r.n_paired is not None
                 else "–",
-                _f(r.delta_pp, "+.2f"),
-                ci,
+                ctx.diff(r.delta),
+                ctx.ci(r),
                 _f(r.ttest_p),
                 *tost,
             ]
@@ -365,7 +403,29 @@ def _comparison_rows(rows: Sequence[ComparisonRow], margins: Sequence[float]) ->
     return out
 
 
-def results_sections(data: StudyData, reference: str, margins: Sequence[float], alpha: float = 0.05) -> list[Section]:
+def _convergence_note(ctx: ResultsContext) -> str | None:
+    """The note under a table that marks runs whose training had not converged."""
+    flagged = [r for r in ctx.compared if r.unconverged_seeds]
+    if not flagged:
+        return None
+    names = "; ".join(f"{r.condition}: seed(s) {', '.join(map(str, r.unconverged_seeds))}" for r in flagged)
+    return (
+        f"{NOT_CONVERGED} not converged: {sum(len(r.unconverged_seeds) for r in flagged)} run(s) whose smoothed "
+        f"training loss was still falling at the end by more than the convergence threshold (metrics.json "
+        f"convergence; results.csv converged=False) — {names}. Differences involving them may measure how fast a "
+        "condition learns rather than what it reaches."
+    )
+
+
+def results_sections(
+    data: StudyData,
+    reference: str,
+    margins: Sequence[float],
+    alpha: float = 0.05,
+    metric: str = "accuracy",
+    unit: str | None = None,
+    k: str = "25%",
+) -> list[Section]:
     if data.results_path is None or not data.runs:
         return []
     sections = []
@@ -386,29 +446,46 @@ def results_sections(data: StudyData, reference: str, margins: Sequence[float], 
                 "Runs that recorded an error.",
             )
         )
+    unconverged = [r for r in data.runs if r.converged is False]
+    if unconverged:
+        runs.blocks.append(_unconverged_table(unconverged))
     sections.append(runs)
-    if not data.finished:
+    info = metric_info(metric, unit)
+    with_metric = data.with_metric(metric)
+    if not with_metric and not data.finished:
         return sections
-
-    records, _ = read_runs(data.results_path, "accuracy")
+    records, _ = read_runs(data.results_path, metric, unit)  # a missing metric column is an error here
+    if not records:
+        return sections
     conditions = sorted({r.condition for r in records})
     ref = reference if reference in conditions else None
-    compared = compare_runs(records, ref or conditions[0], margins, alpha)
+    compared = compare_runs(records, ref or conditions[0], margins, alpha, metric=metric, unit=unit)
     cond_info: dict[str, tuple[str | None, int | None]] = {}
-    for run in data.finished:
+    for run in with_metric:
         cond_info.setdefault(run.row["condition"], (run.strategy, run.k))
+    ctx = ResultsContext(data, info, records, compared, ref, margins, alpha, cond_info, with_metric)
+    note = unit_note(info)
+    unit_text = {"pp": "percentage points", "nats": "nats"}.get(ctx.unit, "the column's own units")
+
+    claims = _claims_section(ctx, k)
+    if claims:
+        sections.append(claims)
+    forest = _forest_section(ctx)
+    if forest:
+        sections.append(forest)
 
     acc = Section(
         "accuracy",
-        "Accuracy per condition (Tables 3, 8)",
+        f"{metric} per condition (Tables 3, 8)",
         "Mean ± sample std (ddof = 1) over seeds. "
         + (
-            f"Δ is the paired per-seed difference to {ref!r} in percentage points with its 95% t interval; "
-            f"TOST tests equivalence within ± each margin (paired over seeds, α = {alpha}; ✓ = equivalent); "
-            "the t-test p is the paired test of Δ = 0."
+            f"Δ is the paired per-seed difference to {ref!r} in {unit_text} ({ctx.unit}) with its 95% t interval; "
+            f"TOST tests equivalence within ± each margin in {ctx.unit} (paired over seeds, α = {alpha}; "
+            "✓ = equivalent); the t-test p is the paired test of Δ = 0."
             if ref
             else f"No {reference!r} condition in the study, so no paired comparison is shown."
-        ),
+        )
+        + (f" {note}." if note else ""),
     )
     acc.blocks.append(
         Table(
@@ -417,10 +494,10 @@ def results_sections(data: StudyData, reference: str, margins: Sequence[float], 
                 [
                     r.model,
                     r.task,
-                    r.condition,
+                    ctx.condition_cell(r),
                     str(cond_info.get(r.condition, (None,))[0] or "–"),
                     _f(cond_info.get(r.condition, (None, None))[1], "d"),
-                    str(r.n),
+                    ctx.n_cell(r),
                     _f(r.mean, ".4f"),
                     _f(r.std, ".4f"),
                 ]
@@ -436,15 +513,18 @@ def results_sections(data: StudyData, reference: str, margins: Sequence[float], 
                     "task",
                     "condition",
                     "paired seeds",
-                    "Δ (pp)",
-                    "95% CI (pp)",
+                    f"Δ ({ctx.unit})",
+                    f"95% CI ({ctx.unit})",
                     "t-test p",
-                    *[f"TOST {m:g} pp" for m in margins],
+                    *[f"TOST {m:g} {ctx.unit}" for m in margins],
                 ],
-                _comparison_rows(compared, margins),
+                _comparison_rows(ctx),
                 f"Paired against {ref!r}.",
             )
         )
+    convergence = _convergence_note(ctx)
+    if convergence:
+        acc.blocks.append(convergence)
     sections.append(acc)
 
     ratio_rows = [r for r in compared if r.std_ratio is not None]
@@ -462,7 +542,7 @@ def results_sections(data: StudyData, reference: str, margins: Sequence[float], 
                     [
                         r.model,
                         r.task,
-                        r.condition,
+                        ctx.condition_cell(r),
                         _f(by_key[(r.model, r.task, ref)].std, ".4f"),
                         _f(r.std, ".4f"),
                         _f(r.std_ratio, ".2f"),
@@ -473,16 +553,175 @@ def results_sections(data: StudyData, reference: str, margins: Sequence[float], 
         )
         sections.append(std_sec)
 
+    curves = _curves_section(data)
+    if curves:
+        sections.append(curves)
     cost = _cost_section(data, ref)
     if cost:
         sections.append(cost)
-    sweep = _sweep_section(data, compared, cond_info, ref)
+    sweep = _sweep_section(ctx)
     if sweep:
         sections.append(sweep)
-    controls = _controls_section(records, cond_info, margins, alpha)
+    controls = _controls_section(ctx)
     if controls:
         sections.append(controls)
     return sections
+
+
+def _unconverged_table(runs: list[RunInfo]) -> Table:
+    rows = []
+    for r in runs:
+        c = (r.metrics or {}).get("convergence") or {}
+        rows.append(
+            [
+                r.row.get("run_id", "?"),
+                r.row.get("condition", "?"),
+                str(r.row.get("seed", "?")),
+                _f(_float(c.get("rel_drop")), ".4f"),
+                _f(_float(c.get("threshold")), ".4f"),
+                _f(c.get("window"), "d") if isinstance(c.get("window"), int) else "–",
+            ]
+        )
+    return Table(
+        ["run", "condition", "seed", "rel. drop at end", "threshold", "window"],
+        rows,
+        f"{NOT_CONVERGED} Runs recorded as not converged: the smoothed training loss still fell by more than the "
+        "threshold over the last window of logged steps (metrics.json convergence). They are marked "
+        f"{NOT_CONVERGED} wherever they enter a table.",
+    )
+
+
+def _budget(data: StudyData, k: str) -> tuple[int | None, str]:
+    """The report's budget ``--k`` in experts per layer, and how it was found (or why it could not be)."""
+    from ..stats import resolve_k
+
+    experts = data.num_experts
+    if experts is not None:
+        count = resolve_k(k, experts)
+        return count, f"k = {count} ({k} of {experts} routed experts per layer)"
+    text = str(k).strip()
+    if text.isdigit():
+        return int(text), f"k = {text}"
+    return None, (
+        f"--k {k} cannot be turned into experts per layer: no run's selection.json, profile or numeric k of a full "
+        "run gives the expert count"
+    )
+
+
+def _claims_section(ctx: ResultsContext, k: str) -> Section | None:
+    """The paper's claims with a verdict each (report/claims.py has the rules)."""
+    from .claims import HELD, NOT_HELD, Condition, judge_claims
+
+    conditions: dict[tuple[str, str], dict[str, Condition]] = defaultdict(dict)
+    counts = Counter((r.model, r.task, r.condition) for r in ctx.records)
+    flagged = Counter((r.model, r.task, r.condition) for r in ctx.records if r.converged is False)
+    for run in ctx.runs:
+        key = (run.row["model"], run.row["task"], run.row["condition"])
+        if key[2] not in conditions[key[:2]]:
+            conditions[key[:2]][key[2]] = Condition(key[2], run.strategy, run.k, counts[key], flagged[key])
+    budget, budget_note = _budget(ctx.data, k)
+    claims = judge_claims(
+        ctx.records, dict(conditions), ctx.info, ctx.ref or "", ctx.margins, ctx.alpha, budget, budget_note
+    )
+    if not claims:
+        return None
+    section = Section(
+        "claims",
+        "The paper's claims, as measured here",
+        f"Each claim judged on this study's {ctx.info.name} ({'higher' if ctx.info.higher_is_better else 'lower'} is "
+        f"better; differences in {ctx.unit}, paired over seeds, 95% t intervals, α = {ctx.alpha:g}). Conditions are "
+        "identified by their strategy and k (config.json / selection.json / results.csv), not their names: full = "
+        f"strategy full, hot = top-k at the report's budget ({budget_note}), random and greedy at that budget, the "
+        "k sweep = every top-k condition, routed = method routed. A missing condition or fewer than two paired "
+        "seeds makes a claim not testable here.",
+    )
+    many = len(conditions) > 1
+    rows, classes = [], []
+    for c in claims:
+        rows.append([*([f"{c.model} · {c.task}"] if many else []), c.claim, c.verdict, c.numbers, c.reason])
+        kind = {HELD: "held", NOT_HELD: "not-held"}.get(c.verdict, "untestable")
+        classes.append([*([""] if many else []), "", f"verdict {kind}", "", ""])
+    headers = [*(["model · task"] if many else []), "claim", "verdict", "numbers", "why"]
+    section.blocks.append(Table(headers, rows, cell_classes=classes, css_class="text"))
+    return section
+
+
+def _forest_section(ctx: ResultsContext) -> Section | None:
+    """Each condition's paired difference from the reference with its CI, over the TOST margins."""
+    if ctx.ref is None:
+        return None
+    section = Section(
+        "forest",
+        f"Differences from {ctx.ref!r} at a glance",
+        f"Paired per-seed difference of each condition's {ctx.info.name} from {ctx.ref!r} in {ctx.unit} with its 95% "
+        f"t interval (an open marker: fewer than two paired seeds). Shaded bands with dashed edges: the TOST "
+        f"equivalence margins ±{', ±'.join(f'{m:g}' for m in ctx.margins)} {ctx.unit}; a condition is shown "
+        f"equivalent at a margin when its 90% interval lies inside it (the TOST columns of the table below). "
+        f"{'Higher' if ctx.info.higher_is_better else 'Lower'} is better.",
+    )
+    groups: dict[tuple[str, str], list[ComparisonRow]] = defaultdict(list)
+    for r in ctx.compared:
+        if r.condition != r.reference and r.delta is not None:
+            groups[(r.model, r.task)].append(r)
+    for (model, task), rows in sorted(groups.items()):
+        section.blocks.append(
+            Figure(
+                f"forest_{model}_{task}",
+                figures.forest_plot(
+                    [ctx.condition_cell(r) + f" (n={r.n_paired})" for r in rows],
+                    [r.delta for r in rows],
+                    [r.ci_low for r in rows],
+                    [r.ci_high for r in rows],
+                    ctx.margins,
+                    ctx.unit,
+                    ctx.ref,
+                    f"{model} · {task} · {ctx.info.name}",
+                ),
+                f"Paired differences from {ctx.ref} — {model} · {task}",
+            )
+        )
+    return section if section.blocks else None
+
+
+def _curves_section(data: StudyData) -> Section | None:
+    """Per-condition training loss over steps: mean and min-max band over seeds."""
+    groups: dict[tuple[str, str], dict[str, list[tuple[list[int], list[float]]]]] = defaultdict(dict)
+    flagged: set[str] = set()
+    missing = []
+    for run in data.finished:
+        curve = run.loss_curve()
+        if curve is None:
+            missing.append(run.row.get("run_id", "?"))
+            continue
+        if run.converged is False:
+            flagged.add(run.row["condition"])
+        groups[(run.row["model"], run.row["task"])].setdefault(run.row["condition"], []).append(curve)
+    if not groups:
+        return None
+    section = Section(
+        "curves",
+        "Learning curves",
+        "Training loss per condition against the optimizer step: mean over seeds at the steps every seed logged, "
+        "with the min-max band over seeds (metrics.json loss_curve; runs without it fall back to their newest "
+        f"checkpoint's trainer_state.json, which ends at that checkpoint). {NOT_CONVERGED}: the condition holds runs "
+        "that had not converged.",
+    )
+    for (model, task), curves in sorted(groups.items()):
+        labelled = {c + (f" {NOT_CONVERGED}" if c in flagged else ""): v for c, v in sorted(curves.items())}
+        section.blocks.append(
+            Figure(
+                f"curves_{model}_{task}",
+                figures.learning_curves(labelled, f"{model} · {task}"),
+                f"Training loss, mean and min-max over seeds — {model} · {task}",
+            )
+        )
+    if missing:
+        section.blocks.append(
+            f"{len(missing)} finished run(s) have no loss curve (no loss_curve in metrics.json and no checkpoint): "
+            + ", ".join(missing[:10])
+            + (" ..." if len(missing) > 10 else "")
+        )
+    return section
 
 
 _COST_COLUMNS = (
@@ -494,19 +733,27 @@ _COST_COLUMNS = (
 )
 
 
-def _cost_section(data: StudyData, ref: str | None) -> Section | None:
-    """Table 4: parameters, checkpoint size and time per condition, with the reduction against the reference."""
-    from .data import _float
+PARTIAL_TIME = "‡"
+_TIMED = ("wall_time_s", "tokens_per_s")  # measured by the last training segment only, in a resumed run
 
-    groups: dict[tuple[str, str, str], list[dict[str, str]]] = defaultdict(list)
+
+def _cost_section(data: StudyData, ref: str | None) -> Section | None:
+    """Table 4: parameters, checkpoint size and time per condition, with the reduction against the reference.
+
+    A resumed run whose metrics.json has no ``segments`` timed only the steps after its resume: it is left out
+    of the wall time and tokens/s means, and the cell is marked."""
+    groups: dict[tuple[str, str, str], list[RunInfo]] = defaultdict(list)
     for run in data.finished:
-        groups[(run.row["model"], run.row["task"], run.row["condition"])].append(run.row)
-    present = [c for c in _COST_COLUMNS if any(_float(r.get(c[0])) is not None for rs in groups.values() for r in rs)]
+        groups[(run.row["model"], run.row["task"], run.row["condition"])].append(run)
+    present = [
+        c for c in _COST_COLUMNS if any(_float(r.row.get(c[0])) is not None for rs in groups.values() for r in rs)
+    ]
     if not present:
         return None
 
-    def mean(rows: list[dict[str, str]], col: str) -> float | None:
-        values = [v for v in (_float(r.get(col)) for r in rows) if v is not None]
+    def mean(runs: list[RunInfo], col: str) -> float | None:
+        usable = [r for r in runs if not (col in _TIMED and r.wall_time_partial)]
+        values = [v for v in (_float(r.row.get(col)) for r in usable) if v is not None]
         return float(np.mean(values)) if values else None
 
     headers = ["model", "task", "condition"]
@@ -514,16 +761,23 @@ def _cost_section(data: StudyData, ref: str | None) -> Section | None:
         headers.append(label)
         if ref and col in ("trainable_params", "adapter_bytes", "wall_time_s"):
             headers.append("red.")
-    rows = []
+    rows, partial = [], []
     for (model, task, condition), rs in sorted(groups.items()):
         row = [model, task, condition]
         base = groups.get((model, task, ref)) if ref else None
+        flagged = [r for r in rs if r.wall_time_partial]
+        partial += flagged
+        base_flagged = bool(base) and any(r.wall_time_partial for r in base)
         for col, _, fmt in present:
             value = mean(rs, col)
-            row.append("–" if value is None else fmt(value))
+            mark = f" {PARTIAL_TIME}" if col in _TIMED and flagged else ""
+            row.append(("–" if value is None else fmt(value)) + mark)
             if ref and col in ("trainable_params", "adapter_bytes", "wall_time_s"):
                 b = mean(base, col) if base else None
-                row.append("–" if value is None or not b or condition == ref else f"{100 * (1 - value / b):.1f}%")
+                cell = "–" if value is None or not b or condition == ref else f"{100 * (1 - value / b):.1f}%"
+                if col == "wall_time_s" and (flagged or base_flagged) and cell != "–":
+                    cell += f" {PARTIAL_TIME}"
+                row.append(cell)
         rows.append(row)
     section = Section(
         "cost",
@@ -533,16 +787,26 @@ def _cost_section(data: StudyData, ref: str | None) -> Section | None:
         + " Times were measured on whatever machine ran each run.",
     )
     section.blocks.append(Table(headers, rows))
+    if partial:
+        section.blocks.append(
+            f"{PARTIAL_TIME} {len(partial)} resumed run(s) timed only the steps after their resume (metrics.json has "
+            "resumed_from but no segments): "
+            + ", ".join(
+                f"{r.row.get('run_id', '?')} (from {Path(str(r.metrics['resumed_from'])).name})" for r in partial
+            )
+            + ". They are left out of the wall time and tokens/s means; a condition with no other run shows –."
+        )
     return section
 
 
-def _sweep_section(data, compared, cond_info, ref) -> Section | None:
-    """Fig. 4: hot-k accuracy and seed std against k, per model and task with at least two budgets."""
+def _sweep_section(ctx: ResultsContext) -> Section | None:
+    """Fig. 4: hot-k metric and seed std against k, per model and task with at least two budgets."""
+    data, compared, cond_info, ref = ctx.data, ctx.compared, ctx.cond_info, ctx.ref
     section = Section(
         "budget",
         "Budget sweep (Fig. 4)",
-        "Uniform top-k conditions at several per-layer budgets k: mean accuracy ± seed std (left) and the seed "
-        "std itself (right)" + (f"; dashed: {ref!r}." if ref else "."),
+        f"Uniform top-k conditions at several per-layer budgets k: mean {ctx.info.name} ± seed std (left) and the "
+        "seed std itself (right)" + (f"; dashed: {ref!r}." if ref else "."),
     )
     by_task: dict[tuple[str, str], list[ComparisonRow]] = defaultdict(list)
     for r in compared:
@@ -576,22 +840,23 @@ def _sweep_section(data, compared, cond_info, ref) -> Section | None:
                     reference,
                     num_experts,
                     f"{model} · {task}",
+                    ctx.info.name,
                 ),
                 f"Budget sweep — {model} · {task}",
             )
         )
         section.blocks.append(
             Table(
-                ["k", "condition", "n", "mean", "std", "Δ vs ref (pp)", "95% CI (pp)"],
+                ["k", "condition", "n", "mean", "std", f"Δ vs ref ({ctx.unit})", f"95% CI ({ctx.unit})"],
                 [
                     [
                         str(cond_info[r.condition][1]),
-                        r.condition,
-                        str(r.n),
+                        ctx.condition_cell(r),
+                        ctx.n_cell(r),
                         _f(r.mean, ".4f"),
                         _f(r.std, ".4f"),
-                        _f(r.delta_pp, "+.2f"),
-                        "–" if r.ci_low_pp is None else f"[{r.ci_low_pp:+.2f}, {r.ci_high_pp:+.2f}]",
+                        ctx.diff(r.delta),
+                        ctx.ci(r),
                     ]
                     for r in rows
                 ],
@@ -600,8 +865,10 @@ def _sweep_section(data, compared, cond_info, ref) -> Section | None:
     return section if section.blocks else None
 
 
-def _controls_section(records, cond_info, margins, alpha) -> Section | None:
+def _controls_section(ctx: ResultsContext) -> Section | None:
     """§6.1 random vs hot and §7.3 hot+filler vs hot at the same budget k, paired over seeds."""
+    records, cond_info, margins, alpha = ctx.records, ctx.cond_info, ctx.margins, ctx.alpha
+    stats = {"metric": ctx.info.name, "unit": ctx.unit}
     hot_at: dict[int, list[str]] = defaultdict(list)
     controls: list[tuple[str, str, int]] = []
     for condition, (strategy, k) in cond_info.items():
@@ -615,15 +882,11 @@ def _controls_section(records, cond_info, margins, alpha) -> Section | None:
     for control, strategy, k in sorted(controls, key=lambda c: (c[2], c[0])):
         for hot in hot_at.get(k, []):
             subset = [r for r in records if r.condition in (hot, control)]
-            for r in compare_runs(subset, control, margins, alpha):
+            compared = compare_runs(subset, control, margins, alpha, **stats)
+            for r in compared:
                 if r.condition != hot or r.n_paired is None:
                     continue
-                ci = "–" if r.ci_low_pp is None else f"[{r.ci_low_pp:+.2f}, {r.ci_high_pp:+.2f}]"
-                base = next(
-                    x
-                    for x in compare_runs(subset, control, margins, alpha)
-                    if (x.model, x.task, x.condition) == (r.model, r.task, control)
-                )
+                base = next(x for x in compared if (x.model, x.task, x.condition) == (r.model, r.task, control))
                 rows.append(
                     [
                         r.model,
@@ -634,8 +897,8 @@ def _controls_section(records, cond_info, margins, alpha) -> Section | None:
                         f"{r.mean:.4f} ± {_f(r.std, '.4f')}",
                         f"{base.mean:.4f} ± {_f(base.std, '.4f')}",
                         str(r.n_paired),
-                        _f(r.delta_pp, "+.2f"),
-                        ci,
+                        ctx.diff(r.delta),
+                        ctx.ci(r),
                         _f(r.ttest_p),
                     ]
                 )
@@ -645,7 +908,7 @@ def _controls_section(records, cond_info, margins, alpha) -> Section | None:
         "controls",
         "Routing signal at a matched budget: random vs hot (§6.1), cold fillers (§7.3)",
         "Top-k by routing against a control with the same number of experts per layer: random-k (no routing "
-        "signal) and hot+filler (top experts plus random cold ones). Δ = hot − control in percentage points, "
+        f"signal) and hot+filler (top experts plus random cold ones). Δ = hot − control in {ctx.unit}, "
         "paired over seeds, with its 95% t interval and paired t-test p.",
     )
     section.blocks.append(
@@ -659,8 +922,8 @@ def _controls_section(records, cond_info, margins, alpha) -> Section | None:
                 "hot mean ± std",
                 "control mean ± std",
                 "paired seeds",
-                "Δ (pp)",
-                "95% CI (pp)",
+                f"Δ ({ctx.unit})",
+                f"95% CI ({ctx.unit})",
                 "t-test p",
             ],
             rows,
@@ -674,13 +937,26 @@ def _controls_section(records, cond_info, margins, alpha) -> Section | None:
 DRIFT_PLOT_MAX_RUNS = 6
 
 
+def _drift_series(trace: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """Coverage and Jaccard of a trace, compared like with like: a run that adapts every expert of every layer
+    compares its top-k with the step-0 top-k (its recorded Jaccard, top-k vs all experts, is k/E by definition);
+    a run that adapts no expert has neither. Returns (coverage_SL, jaccard_SL, note on the Jaccard)."""
+    selected_LE = trace["selected_SLE"][0].astype(bool)
+    if not selected_LE.any():
+        return None, None, ""
+    if selected_LE.all():
+        top_SLE = trace["top_SLE"].astype(bool)
+        inter_SL = (top_SLE & top_SLE[:1]).sum(-1)
+        union_SL = (top_SLE | top_SLE[:1]).sum(-1)
+        jaccard_SL = np.where(union_SL > 0, inter_SL / np.maximum(union_SL, 1), 1.0)
+        return trace["coverage_SL"], jaccard_SL, "top-k vs step-0 top-k"
+    return trace["coverage_SL"], trace["jaccard_SL"], ""
+
+
 def drift_section(data: StudyData) -> Section | None:
     """Final routing drift per condition (mean over seeds) and the drift plot of each condition's first seed,
     from the runs' ``routing_trace.safetensors`` (runs trained with ``--monitor-every 0`` have none)."""
-    import tempfile
-    from pathlib import Path
-
-    from ..training.monitor import TRACE_FILE, load_trace, plot_drift
+    from ..training.monitor import TRACE_FILE, load_trace
 
     traced: dict[str, list[tuple[int, Path]]] = defaultdict(list)
     for run in data.finished:
@@ -693,18 +969,24 @@ def drift_section(data: StudyData) -> Section | None:
     rows = []
     for label, runs in sorted(traced.items()):
         finals = [load_trace(run_dir) for _, run_dir in runs]
-        last = {name: np.mean([t[name][-1].mean() for t in finals]) for name in ("coverage_SL", "jaccard_SL", "kl_SL")}
-        first_cov = np.mean([t["coverage_SL"][0].mean() for t in finals])
+        series = [_drift_series(t) for t in finals]
+        first_cov = last_cov = jac = None
+        if series[0][0] is not None:
+            first_cov = np.mean([cov[0].mean() for cov, _, _ in series])
+            last_cov = np.mean([cov[-1].mean() for cov, _, _ in series])
+            jac = np.mean([j[-1].mean() for _, j, _ in series])
+        kl = np.mean([t["kl_SL"][-1].mean() for t in finals])
         hot = np.mean([t["became_hot_SL"][-1].sum() for t in finals])
         steps = int(max(t["steps_S"][-1] for t in finals))
+        note = series[0][2]
         rows.append(
             [
                 label,
                 str(len(runs)),
                 str(steps),
-                f"{first_cov:.3f} → {last['coverage_SL']:.3f}",
-                _f(last["jaccard_SL"]),
-                _f(last["kl_SL"]),
+                "–" if first_cov is None else f"{first_cov:.3f} → {last_cov:.3f}",
+                _f(jac) + (f" ({note})" if note and jac is not None else ""),
+                _f(kl),
                 f"{hot:.1f}",
             ]
         )
@@ -714,17 +996,34 @@ def drift_section(data: StudyData) -> Section | None:
         "The drift monitor's figures at the last measurement (layer mean, then mean over the seeds): the share of "
         "routed activations on the selected experts (coverage, from step 0), Jaccard between the current top-k and "
         "the selection, KL(now || step 0) of the routing distribution, and experts that entered a layer's top-k "
-        "(summed over layers). Without adapted experts coverage and Jaccard are 0; with all experts adapted coverage "
-        "is 1 and Jaccard k/E, by definition.",
+        "(summed over layers). Compared like with like: a run that adapts every expert (full) shows the Jaccard "
+        "of its current top-k with its step-0 top-k (dashed in the figure), since top-k against all experts is "
+        "k/E by definition; a run that adapts no expert (attention LoRA only) has no coverage or Jaccard (–).",
     )
     section.blocks.append(Table(["run group", "runs", "last step", "coverage", "Jaccard", "KL", "became hot"], rows))
-    first = {label: min(runs)[1] for label, runs in sorted(traced.items())[:DRIFT_PLOT_MAX_RUNS]}
-    with tempfile.TemporaryDirectory() as tmp:
-        png = Path(plot_drift(first, Path(tmp) / "drift.png")).read_bytes()
+    shown_groups = sorted(traced.items())[:DRIFT_PLOT_MAX_RUNS]
+    one_setting = len({label.rpartition(" / ")[0] for label in traced}) == 1  # one model and task: condition only
+    panels = []
+    for label, runs in shown_groups:
+        trace = load_trace(min(runs)[1])
+        coverage, jaccard, note = _drift_series(trace)
+        panels.append(
+            {
+                "label": label.rpartition(" / ")[2] if one_setting else label,
+                "steps": trace["steps_S"],
+                "coverage_SL": coverage,
+                "jaccard_SL": jaccard,
+                "jaccard_note": note,
+                "kl_SL": trace["kl_SL"],
+                "layer_ids": trace["layer_ids_L"],
+            }
+        )
     shown = "" if len(traced) <= DRIFT_PLOT_MAX_RUNS else f" (the first {DRIFT_PLOT_MAX_RUNS} of {len(traced)})"
     section.blocks.append(
         Figure(
-            "routing_drift", png, f"Coverage, Jaccard and per-layer KL against step, first seed of each group{shown}"
+            "routing_drift",
+            figures.drift_panels(panels),
+            f"Coverage, Jaccard and per-layer KL against step, first seed of each group{shown}",
         )
     )
     return section

@@ -30,13 +30,52 @@ CONDITION_PATTERNS = (
 
 @dataclass
 class RunInfo:
-    """One row of results.csv plus what its run directory says about the selection."""
+    """One row of results.csv plus what its run directory says about the selection and the training."""
 
     row: dict[str, str]
     strategy: str | None
     k: int | None
     selection: dict[str, Any] | None
     run_dir: Path | None
+    metrics: dict[str, Any] | None = None  # the run's metrics.json
+
+    @property
+    def converged(self) -> bool | None:
+        """results.csv's ``converged`` column, else metrics.json's ``convergence``; None when neither says."""
+        text = str(self.row.get("converged") or "").strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        record = (self.metrics or {}).get("convergence")
+        value = record.get("converged") if isinstance(record, dict) else None
+        return value if isinstance(value, bool) else None
+
+    @property
+    def wall_time_partial(self) -> bool:
+        """A resumed run whose metrics.json times only the last segment (no ``segments`` record): its wall time
+        and tokens/s cover the steps after the resume, not the run."""
+        m = self.metrics or {}
+        return bool(m.get("resumed_from")) and not m.get("segments")
+
+    def loss_curve(self) -> tuple[list[int], list[float]] | None:
+        """Every logged training loss: metrics.json's ``loss_curve``, else the newest checkpoint's
+        ``trainer_state.json`` log history (which ends at that checkpoint); None when neither exists."""
+        curve = (self.metrics or {}).get("loss_curve")
+        if isinstance(curve, dict) and curve.get("step") and len(curve["step"]) == len(curve.get("loss") or []):
+            pairs = [(int(s), _float(v)) for s, v in zip(curve["step"], curve["loss"], strict=True)]
+            return _unzip(pairs)
+        if self.run_dir is None:
+            return None
+        states = sorted(
+            (int(m.group(1)), c / "trainer_state.json")
+            for c in (self.run_dir / "checkpoints").glob("checkpoint-*")
+            if (m := re.fullmatch(r"checkpoint-(\d+)", c.name)) and (c / "trainer_state.json").is_file()
+        )
+        state = _read_json(states[-1][1]) if states else None
+        history = (state or {}).get("log_history") or []
+        pairs = [(int(h["step"]), _float(h["loss"])) for h in history if "loss" in h and "step" in h]
+        return _unzip(pairs)
 
 
 @dataclass
@@ -52,6 +91,21 @@ class StudyData:
     def finished(self) -> list[RunInfo]:
         return [r for r in self.runs if _float(r.row.get("accuracy")) is not None]
 
+    def with_metric(self, metric: str) -> list[RunInfo]:
+        """The runs that have a value of ``metric`` (the ones compare-runs reads)."""
+        return [r for r in self.runs if _float(r.row.get(metric)) is not None]
+
+    @property
+    def num_experts(self) -> int | None:
+        """Routed experts per MoE layer, from a run's selection.json, a profile, or a full run's k column."""
+        for run in self.runs:
+            if run.selection and isinstance(run.selection.get("num_experts"), int):
+                return run.selection["num_experts"]
+        if self.profiles:
+            return int(next(iter(self.profiles.values())).num_experts)
+        ks = [r.k for r in self.runs if r.strategy == "full" and r.k]
+        return max(ks) if ks else None
+
 
 def _float(value: Any) -> float | None:
     try:
@@ -59,6 +113,11 @@ def _float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return out if out == out else None  # nan -> None
+
+
+def _unzip(pairs: list[tuple[int, float | None]]) -> tuple[list[int], list[float]] | None:
+    pairs = [(s, v) for s, v in pairs if v is not None]
+    return ([s for s, _ in pairs], [v for _, v in pairs]) if pairs else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -90,15 +149,17 @@ def _run_info(root: Path, row: dict[str, str]) -> RunInfo:
     selection = _read_json(run_dir / "selection.json") if run_dir else None
     train = (config or {}).get("train") if isinstance((config or {}).get("train"), dict) else config
     strategy = (train or {}).get("strategy") or strategy_of(row.get("condition", ""))
-    if (train or {}).get("method") == "routed":  # Routed-PEFT: not a sieve selection at its k (budget, controls)
-        strategy = f"routed-{str(train.get('variant', '')).upper()}"
+    method = (train or {}).get("method") or row.get("method")
+    if method == "routed":  # Routed-PEFT: not a sieve selection at its k (budget, controls)
+        strategy = f"routed-{str((train or {}).get('variant') or row.get('variant') or '').upper()}"
     k = None
     if selection is not None:
         k = (selection.get("params") or {}).get("k_resolved")
     if k is None:
         text = str(row.get("k") or "").strip()
         k = int(float(text)) if re.fullmatch(r"\d+(\.0+)?", text) else None
-    return RunInfo(row=row, strategy=strategy, k=k, selection=selection, run_dir=run_dir)
+    metrics = _read_json(run_dir / "metrics.json") if run_dir else None
+    return RunInfo(row=row, strategy=strategy, k=k, selection=selection, run_dir=run_dir, metrics=metrics)
 
 
 def _profiles_dir(root: Path) -> Path | None:

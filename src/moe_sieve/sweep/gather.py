@@ -31,6 +31,18 @@ COLUMNS = (
     "final_loss",
     "run_dir",
 )
+# Likelihood metrics of the evaluation (eval.json "metrics"; the result_* ones only for tasks with a worked chain)
+# and whether training converged (metrics.json "convergence"; blank when the run did not record it), after the
+# fixed columns; compare-runs --metric and report --metric take any of them.
+METRIC_COLUMNS = (
+    "gold_logprob",
+    "gold_prob",
+    "gold_nll_per_token",
+    "result_logprob",
+    "result_prob",
+    "result_nll_per_token",
+)
+CONVERGED = "converged"
 # Task-specific secondary columns after the fixed ones: the metric's name and how many examples it scored; then
 # the adapter family (sieve LoRA or Routed-PEFT) and, for routed runs, what defines the variant (blank otherwise).
 SECONDARY = (
@@ -44,6 +56,7 @@ SECONDARY = (
     "num_adapters",
     "top_k_adapters",
 )
+FIELDNAMES = (*COLUMNS, *METRIC_COLUMNS, CONVERGED, *SECONDARY)
 ROUTED_OPTIONS = ("variant", "adapter_type", "num_adapters", "top_k_adapters")
 
 
@@ -80,7 +93,7 @@ def _k_option(spec: RunSpec) -> Any:
 
 def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
     run_dir = study / "runs" / spec.run_id
-    row: dict[str, Any] = dict.fromkeys((*COLUMNS, *SECONDARY))
+    row: dict[str, Any] = dict.fromkeys(FIELDNAMES)
     row.update(
         run_id=spec.run_id,
         model=spec.model,
@@ -111,6 +124,11 @@ def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
             eval_correct=ev.get("correct"),
             run_wall_time_s=ev.get("run_wall_time_s"),
         )
+        scores = ev.get("metrics") if isinstance(ev.get("metrics"), dict) else {}
+        row.update({name: scores.get(name) for name in METRIC_COLUMNS})
+        convergence = metrics.get("convergence") if isinstance(metrics.get("convergence"), dict) else {}
+        converged = convergence.get("converged")
+        row[CONVERGED] = str(converged) if isinstance(converged, bool) else None
     elif (error := _read_json(run_dir / ERROR_FILE)) is not None:
         row.update(status="failed", error=str(error.get("error", "unknown error")))
     else:
@@ -123,7 +141,7 @@ def gather(runs: list[RunSpec], study: str | Path) -> list[dict[str, Any]]:
     study = Path(study)
     rows = [run_row(spec, study) for spec in runs]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *SECONDARY], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(FIELDNAMES), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
