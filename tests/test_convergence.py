@@ -22,6 +22,12 @@ def test_plateau_and_near_zero_are_converged():
     assert record["rel_drop"] > REL_THRESHOLD and record["abs_drop"] <= ABS_THRESHOLD and record["converged"] is True
 
 
+def test_reaching_zero_is_converged():
+    # measured: the facts pilot's full run fell from 0.15 to 0.00 within its last 12 logs
+    record = convergence([0.15, 0.17, 0.07, 0.06, 0.02, 0.02, 0.01, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert record["abs_drop"] > ABS_THRESHOLD and record["converged"] is True
+
+
 def test_too_few_points_is_unknown():
     assert convergence([1.0, 0.9, 0.8])["converged"] is None
 

@@ -54,6 +54,14 @@ def _check_train_options(options: Any, where: str) -> dict[str, Any]:
     return dict(options)
 
 
+def _check_metrics(value: Any, source: str) -> list[str]:
+    if value is None:
+        return ["accuracy"]
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) and m.isidentifier() for m in value):
+        raise ValueError(f"{source}: metrics must be a non-empty list of column names, got {value!r}")
+    return list(value)
+
+
 @dataclass
 class EvalSettings:
     """Held-out evaluation after training (``moe-sieve eval`` options)."""
@@ -149,6 +157,11 @@ class SweepConfig:
     eval: EvalSettings = _help("Evaluation settings shared by every run.", None)
     minitasks: MinitasksSettings | None = _help("Generate the mini tasks first (optional).", None)
     profiles: ProfileStudySettings | None = _help("Routing study run before the sweep (optional).", None)
+    metrics: list[str] = _help(
+        "Metric columns `study` compares and reports (each gets compare.json / report files; the first is the "
+        "headline). Any numeric column of results.csv (accuracy, gold_prob, paraphrase_gold_prob, ...).",
+        None,
+    )
     source: str = _help("Where this configuration was read from.", "<dict>")
 
     @classmethod
@@ -231,6 +244,7 @@ class SweepConfig:
             eval=base_eval,
             minitasks=minitasks,
             profiles=profiles,
+            metrics=_check_metrics(data.get("metrics"), source),
             source=source,
         )
 

@@ -57,6 +57,8 @@ SECONDARY = (
     "top_k_adapters",
 )
 FIELDNAMES = (*COLUMNS, *METRIC_COLUMNS, CONVERGED, *SECONDARY)
+# Metrics of each further evaluation (eval ``also``), written as NAME_METRIC after the fixed columns.
+ALSO_METRICS = ("accuracy", *METRIC_COLUMNS)
 ROUTED_OPTIONS = ("variant", "adapter_type", "num_adapters", "top_k_adapters")
 
 
@@ -89,6 +91,16 @@ def _k_option(spec: RunSpec) -> Any:
     if spec.train.get("method") == "routed" and str(spec.train.get("variant", "")).upper() != "E":
         return 0
     return "all" if strategy == "full" else spec.train.get("k")
+
+
+def _also_names(spec: RunSpec) -> list[str]:
+    """The further evaluations of a run (``eval.also``): each adds NAME_METRIC columns."""
+    return list(spec.eval.get("also") or {})
+
+
+def _also_columns(runs: list[RunSpec]) -> list[str]:
+    names = dict.fromkeys(name for spec in runs for name in _also_names(spec))
+    return [f"{name}_{metric}" for name in names for metric in ALSO_METRICS]
 
 
 def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
@@ -126,6 +138,10 @@ def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
         )
         scores = ev.get("metrics") if isinstance(ev.get("metrics"), dict) else {}
         row.update({name: scores.get(name) for name in METRIC_COLUMNS})
+        also = ev.get("also") if isinstance(ev.get("also"), dict) else {}
+        for name in _also_names(spec):
+            extra = (also.get(name) or {}).get("metrics") or {}
+            row.update({f"{name}_{metric}": extra.get(metric) for metric in ALSO_METRICS})
         convergence = metrics.get("convergence") if isinstance(metrics.get("convergence"), dict) else {}
         converged = convergence.get("converged")
         row[CONVERGED] = str(converged) if isinstance(converged, bool) else None
@@ -141,10 +157,11 @@ def gather(runs: list[RunSpec], study: str | Path) -> list[dict[str, Any]]:
     study = Path(study)
     rows = [run_row(spec, study) for spec in runs]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(FIELDNAMES), lineterminator="\n")
+    fieldnames = [*FIELDNAMES, *_also_columns(runs)]
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fieldnames})
     atomic_write_text(study / "results.csv", buffer.getvalue())
     atomic_write_json(study / "results.json", rows)
     return rows

@@ -3,7 +3,6 @@ seeds, k sweep), then the statistics table and the report when those modules are
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,12 @@ from ..training.config import PRESET_DIR
 from .config import SweepConfig
 from .runner import SweepOptions, run_sweep
 
-STUDY_PRESETS = {"mini": "studies/mini", "routed-mini": "studies/routed-mini"}
+STUDY_PRESETS = {
+    "mini": "studies/mini",
+    "routed-mini": "studies/routed-mini",
+    "evidence": "studies/evidence",
+    "evidence-full": "studies/evidence-full",
+}
 
 
 def preset_path(preset: str) -> Path:
@@ -25,13 +29,6 @@ def preset_path(preset: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"--preset {preset!r}: no such study preset ({', '.join(STUDY_PRESETS)}) or file")
     return path
-
-
-def _available(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def run_study(
@@ -53,27 +50,24 @@ def run_study(
         "finished": sum(r["status"] == "finished" for r in rows),
         "failed": sum(r["status"] == "failed" for r in rows),
     }
-    if summary["finished"] and _available("moe_sieve.runstats"):
+    if summary["finished"]:
+        from rich.console import Console
+
+        from ..report import write_report
+        from ..reporting import comparison_table
         from ..runstats import compare_runs_csv
 
-        table, skipped = compare_runs_csv(out / "results.csv", reference=reference)
-        atomic_write_json(out / "compare.json", [row.to_json() for row in table])
+        for i, metric in enumerate(config.metrics):
+            suffix = "" if i == 0 else f"-{metric}"
+            table, skipped = compare_runs_csv(out / "results.csv", reference=reference, metric=metric)
+            atomic_write_json(out / f"compare{suffix}.json", [row.to_json() for row in table])
+            Console().print(comparison_table(table, metric))
+            log(f"compare-runs ({metric}): {out / f'compare{suffix}.json'} ({skipped} runs without it left out)")
+            html, md = out / f"report{suffix}.html", out / f"report{suffix}.md"
+            write_report(out, html, md, reference=reference, metric=metric)
+            log(f"report ({metric}): {html} and {md}")
         summary["compare"] = str(out / "compare.json")
-        if _available("moe_sieve.reporting") and hasattr(
-            importlib.import_module("moe_sieve.reporting"), "comparison_table"
-        ):
-            from rich.console import Console
-
-            from ..reporting import comparison_table
-
-            Console().print(comparison_table(table, "accuracy"))
-        log(f"compare-runs: {out / 'compare.json'} ({skipped} runs without accuracy left out)")
-    if _available("moe_sieve.report"):
-        from ..report import write_report
-
-        write_report(out, out / "report.html", out / "report.md", reference=reference)
         summary["report"] = str(out / "report.html")
-        log(f"report: {out / 'report.html'} and {out / 'report.md'}")
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / "study.json", summary)
     log(f"study done in {summary['wall_time_s']:.0f} s: {summary['finished']}/{summary['runs']} runs finished")

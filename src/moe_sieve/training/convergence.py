@@ -3,8 +3,9 @@
 A comparison of conditions at a fixed step budget measures learning speed, not what the adapters can hold,
 when some runs are still learning at the end. Each run's ``metrics.json`` therefore keeps its logged loss
 curve and a verdict: the mean loss of the last ``window`` logged points against the ``window`` points
-before them. The run is ``converged`` when that drop is at most ``REL_THRESHOLD`` of the earlier mean, or
-at most ``ABS_THRESHOLD`` nats (a loss already near zero that halves is not learning anything that matters).
+before them. The run is ``converged`` when that drop is at most ``REL_THRESHOLD`` of the earlier mean or at
+most ``ABS_THRESHOLD`` nats, or when the last window's mean is itself at most ``ABS_THRESHOLD`` (a loss already
+near zero has nothing left to fall by that matters).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def convergence(losses: Sequence[float]) -> dict[str, Any]:
     abs_drop = before - last
     rel_drop = abs_drop / before if before > 0 else 0.0
     record.update(
-        converged=bool(rel_drop <= REL_THRESHOLD or abs_drop <= ABS_THRESHOLD),
+        converged=bool(rel_drop <= REL_THRESHOLD or abs_drop <= ABS_THRESHOLD or last <= ABS_THRESHOLD),
         rel_drop=round(rel_drop, 6),
         abs_drop=round(abs_drop, 6),
     )
