@@ -681,8 +681,9 @@ def eval_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
 ) -> None:
-    """Accuracy on GSM8K (exact match), HellaSwag (normalised), Spider (execution, read-only SQL) or an
-    LLM-Adapters test set (commonsense-NAME:PATH, math-NAME:PATH; greedy answer, LLM-Adapters' parsing)."""
+    """Accuracy on GSM8K (exact match), HellaSwag (normalised), Spider (execution, read-only SQL), the facts mini
+    task or an LLM-Adapters test set (commonsense-NAME:PATH, math-NAME:PATH; greedy answer, LLM-Adapters'
+    parsing); every generation task also gets the gold completion's likelihood (gold_logprob, gold_prob)."""
     from ._io import atomic_write_json, ensure_writable
     from .adapters import load_sieve_adapter
     from .evaluation import evaluate
@@ -709,6 +710,9 @@ def eval_command(
     )
     norm = "" if result.accuracy_norm is None else f", normalised {result.accuracy_norm:.4f}"
     console.print(f"{result.task}: accuracy [bold]{result.accuracy:.4f}[/]{norm} on {result.n} examples")
+    likelihood = {name: value for name, value in result.metrics.items() if name not in ("accuracy", "accuracy_norm")}
+    if likelihood:
+        console.print("  " + ", ".join(f"{name} {value:.4f}" for name, value in likelihood.items()))
     if out is not None:
         atomic_write_json(
             out, {"model": model, "adapter": None if adapter is None else str(adapter), **result.to_json()}
