@@ -356,3 +356,14 @@ def test_gather_writes_likelihood_metrics_and_convergence(tmp_path):
     assert [(r.value, r.converged) for r in runs] == [(-1.5, True), (-2.5, False), (-3.5, None)] and skipped == 0
     runs, skipped = read_runs(tmp_path / "results.csv", "result_logprob")
     assert len(runs) == 1 and skipped == 2
+
+
+def test_further_evaluation_columns_take_their_metrics_unit():
+    """A sweep's eval.also columns (NAME_METRIC) are read in METRIC's unit, not as unknown raw columns."""
+    from moe_sieve.runstats import metric_info
+
+    assert metric_info("paraphrase_gold_prob").unit.name == "pp"
+    assert metric_info("paraphrase_gold_nll_per_token").unit.name == "nats"
+    assert metric_info("paraphrase_gold_nll_per_token").higher_is_better is False
+    assert metric_info("paraphrase_accuracy_norm").help == metric_info("accuracy_norm").help
+    assert metric_info("gold_probability").registered is False

@@ -73,9 +73,17 @@ register_metric("result_logprob", NATS, help="mean over rows of log P(result tok
 register_metric("result_nll_per_token", NATS, higher_is_better=False, help="result tokens' NLL per token")
 
 
+def _further_evaluation(metric: str) -> MetricInfo | None:
+    """``NAME_METRIC`` (a sweep's ``eval.also`` column, e.g. ``paraphrase_gold_prob``) has METRIC's unit."""
+    for name in sorted(METRICS, key=len, reverse=True):
+        if metric.endswith("_" + name) and len(metric) > len(name) + 1:
+            return dataclasses.replace(METRICS[name], name=metric)
+    return None
+
+
 def metric_info(metric: str, unit: str | None = None) -> MetricInfo:
     """The registered metric, or an unknown column in raw units; ``unit`` (pp, nats, raw) overrides the unit."""
-    info = METRICS.get(metric) or MetricInfo(metric, RAW, True, "", registered=False)
+    info = METRICS.get(metric) or _further_evaluation(metric) or MetricInfo(metric, RAW, True, "", registered=False)
     if unit is None:
         return info
     if unit not in UNITS:
