@@ -18,11 +18,11 @@ from transformers.distributed import DistributedConfig
 from moe_sieve.adapters.experts import ExpertLoRA, iter_fused_experts, register_sieve_experts_implementation
 
 
-def check(model_dir: str) -> dict:
+def check(model_dir: str, device: torch.device) -> dict:
     torch.manual_seed(0)
-    ids = torch.randint(0, 250, (2, 24))
+    ids = torch.randint(0, 250, (2, 24), device=device)
     kwargs = {"dtype": torch.float32, "experts_implementation": "sieve_lora"}
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)
     ref_loss = ref(input_ids=ids, labels=ids).loss
     ref_loss.backward()
     ref_experts = {name: m.gate_up_proj.detach() for name, m in iter_fused_experts(ref)}
@@ -35,7 +35,7 @@ def check(model_dir: str) -> dict:
     grad = model.get_input_embeddings().weight.grad.full_tensor()
     owned, attach = {}, None
     for name, experts in iter_fused_experts(model):
-        local = experts.gate_up_proj.to_local()
+        local = experts.gate_up_proj.to_local().to(device)
         full = ref_experts[name]
         owned[name] = [e for e in range(full.shape[0]) if any(torch.equal(full[e], row) for row in local)]
         if attach is None:
@@ -48,6 +48,7 @@ def check(model_dir: str) -> dict:
         "loss": loss.item(),
         "ref_loss": ref_loss.item(),
         "grad_err": (grad - ref.get_input_embeddings().weight.grad).abs().max().item(),
+        "device": str(device),
         "owned": owned,
         "num_experts_local": [int(m.num_experts) for _, m in iter_fused_experts(model)][0],
         "attach": attach,
@@ -59,7 +60,12 @@ def main() -> None:
     torch.set_num_threads(1)
     register_sieve_experts_implementation()
     rank = int(os.environ["RANK"])
-    result = {d: check(d) for d in dirs}
+    # transformers binds CUDA rank i to cuda:LOCAL_RANK (nccl) and CPU ranks to the CPU (gloo)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    result = {d: check(d, device) for d in dirs}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()

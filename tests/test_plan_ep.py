@@ -129,3 +129,25 @@ def test_plan_cli_ep_json_and_refusals(tmp_path, monkeypatch, capsys):
             == [line for line in err.splitlines() if line.strip()]
             and expected in err
         ), err
+
+
+@pytest.mark.slow
+def test_docs_plan_commands(monkeypatch, capsys):
+    """The bash block of docs/distributed.md prints the per-rank figures its table states (~1 min: 671B and
+    235B models built on the meta device)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "distributed.md").read_text()
+    block = text.split("<!-- tested: tests/test_plan_ep.py::test_docs_plan_commands -->")[1]
+    block = re.search(r"```bash\n(.*?)```", block, re.S).group(1)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("COLUMNS", "200")
+    expected = [("19.53 GiB", "3.06 GiB", "55.36M", "422.4 MiB", "81.60 GiB"), ("27.37 GiB", "1.16 GiB", "108.79M")]
+    for line, figures in zip(block.strip().splitlines(), expected, strict=True):
+        code, out, err = _cli(monkeypatch, capsys, *shlex.split(line)[1:])
+        assert code == 0, err
+        for figure in figures:
+            assert figure in out and figure in text, figure
