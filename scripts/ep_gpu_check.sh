@@ -17,12 +17,7 @@ from tests.conftest import build_tiny
 for family in ("olmoe", "qwen3_moe", "deepseek_v3"):
     build_tiny(family, layers=16).save_pretrained(f"{sys.argv[1]}/{family}")
 PY
-if [ "$NPROC" != 2 ]; then
-  sed "s/ep_size=2, fsdp_size=2/ep_size=$NPROC, fsdp_size=$NPROC/" tests/ep_worker.py > "$OUT/ep_worker.py"
-else
-  cp tests/ep_worker.py "$OUT/ep_worker.py"
-fi
-PYTHONPATH=src torchrun --nproc_per_node "$NPROC" "$OUT/ep_worker.py" "$OUT" "$OUT/olmoe" "$OUT/qwen3_moe" "$OUT/deepseek_v3"
+EP_SIZE=$NPROC FSDP_SIZE=$NPROC PYTHONPATH=src torchrun --nproc_per_node "$NPROC" tests/ep_worker.py "$OUT" "$OUT/olmoe" "$OUT/qwen3_moe" "$OUT/deepseek_v3"
 python - "$OUT" "$NPROC" <<'PY'
 import json, sys
 from moe_sieve.adapters.ep import engine_owner_E

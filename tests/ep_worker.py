@@ -1,7 +1,8 @@
 """One rank of the two-process expert-parallel check (tests/test_ep.py), run under torch.distributed.run.
 
 For each saved model directory: load it once in this process alone and once through transformers' EP engine
-(``DistributedConfig(ep_size=2, fsdp_size=2)``, gloo), with moe-sieve's ``sieve_lora`` experts kernel; record
+(``DistributedConfig(ep_size=EP_SIZE, fsdp_size=FSDP_SIZE)`` from the environment, default 2 and 2; gloo on
+CPU), with moe-sieve's ``sieve_lora`` experts kernel; record
 which experts this rank holds, the loss, the embedding gradient, and what attaching sieve LoRA does.
 """
 
@@ -17,6 +18,9 @@ from transformers.distributed import DistributedConfig
 
 from moe_sieve.adapters.experts import ExpertLoRA, iter_fused_experts, register_sieve_experts_implementation
 
+EP_SIZE = int(os.environ.get("EP_SIZE", 2))
+FSDP_SIZE = int(os.environ.get("FSDP_SIZE", EP_SIZE))
+
 
 def check(model_dir: str, device: torch.device) -> dict:
     torch.manual_seed(0)
@@ -28,7 +32,7 @@ def check(model_dir: str, device: torch.device) -> dict:
     ref_experts = {name: m.gate_up_proj.detach() for name, m in iter_fused_experts(ref)}
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, distributed_config=DistributedConfig(ep_size=2, fsdp_size=2), **kwargs
+        model_dir, distributed_config=DistributedConfig(ep_size=EP_SIZE, fsdp_size=FSDP_SIZE), **kwargs
     )
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -50,6 +54,7 @@ def check(model_dir: str, device: torch.device) -> dict:
         "grad_err": (grad - ref.get_input_embeddings().weight.grad).abs().max().item(),
         "device": str(device),
         "owned": owned,
+        "ep_size": EP_SIZE,
         "num_experts_local": [int(m.num_experts) for _, m in iter_fused_experts(model)][0],
         "attach": attach,
     }
