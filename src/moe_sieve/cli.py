@@ -447,10 +447,33 @@ def plan(
     num_adapters: Annotated[int, typer.Option(help="routed: N adapters per layer (D, R).")] = 4,
     top_k_adapters: Annotated[int, typer.Option("--top-k-adapters", "--top-k", help="routed: K of N (R).")] = 2,
     experts: Annotated[str, typer.Option(help="routed E: all experts, or the hot --k selected.")] = "all",
+    ep_size: Annotated[int, typer.Option(help="Per-rank plan under transformers' expert parallelism (0: off).")] = 0,
+    fsdp_size: Annotated[int, typer.Option(help="EP plan: FSDP ranks (world size; default --ep-size).")] = 0,
+    profile: Annotated[Path | None, typer.Option(help="EP plan: a profile, to measure the hot set's spread.")] = None,
+    micro_batch: Annotated[int, typer.Option(help="EP plan: sequences per rank per step.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="EP plan: tokens per sequence.")] = 4096,
 ) -> None:
     """Trainable parameters, checkpoint size and optimizer memory of full LoRA vs the hot-k budget,
-    computed on the meta device (no weights are loaded, no profile is needed)."""
+    computed on the meta device (no weights are loaded, no profile is needed). With --ep-size: per rank
+    under transformers' expert-parallel engine (docs/distributed.md)."""
     from .adapters import SieveLoraConfig, plan_adapters
+
+    if ep_size:
+        from .adapters.ep import ep_plan_table, plan_ep
+        from .profiling.artifact import Profile
+
+        result = plan_ep(
+            model, k, ep_size, fsdp_size or None, SieveLoraConfig(r=r, alpha=alpha), micro_batch=micro_batch,
+            seq_len=seq_len, profile=Profile.load(profile) if profile else None, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        table, lines = ep_plan_table(result)
+        console.print(table)
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
+        return
 
     if method == "routed":
         from .adapters.routed import RoutedAdapterConfig, plan_routed

@@ -20,6 +20,17 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return field(default=default, metadata={"help": text}, **kw)
 
 
+# What stops `train --ep-size` (checked on 2 gloo processes, tests/test_ep.py): transformers' engine itself runs
+# (from_pretrained(distributed_config=DistributedConfig(ep_size=2, fsdp_size=2)) shards the experts and the
+# sieve_lora kernel's forward/backward match one process), but sieve LoRA cannot attach to the sharded experts.
+EP_TRAIN_REFUSAL = (
+    "--ep-size {ep_size}: expert-parallel training is not implemented yet: transformers' EP engine shards the "
+    "experts, but sieve LoRA cannot attach to them (ExpertLoRA.for_experts sees all experts' DTensor weights "
+    "while num_experts is the rank's local count, and the hot expert ids would need mapping to local ids); "
+    "train with --fsdp or DDP and size an EP run with `moe-sieve plan --ep-size` (docs/distributed.md)"
+)
+
+
 @dataclass
 class TrainConfig:
     """One fine-tuning run: profile -> select -> LoRA fine-tune, all in ``out``."""
@@ -80,6 +91,9 @@ class TrainConfig:
     trust_remote_code: bool = _help("Run the model repository's own code.", False)
     experts_implementation: str | None = _help("transformers experts backend for the base model.", None)
     fsdp: str = _help("FSDP option string passed to transformers (e.g. 'full_shard auto_wrap'); empty: off.", "")
+    ep_size: int = _help(
+        "Expert-parallel ranks (transformers' engine); 1: off. Not yet trainable: see docs/distributed.md.", 1
+    )
     # speed (training/packing.py, training/fused_loss.py): both leave the loss and gradients unchanged
     packing: bool = _help(
         "Padding-free micro-batches: concatenate each micro-batch's examples into one row (position_ids restart "
@@ -127,6 +141,10 @@ class TrainConfig:
             raise ValueError(f"--router must be lora, freeze or full, got {self.router!r}")
         if self.router_aux_loss < 0:
             raise ValueError(f"--router-aux-loss must be >= 0, got {self.router_aux_loss}")
+        if self.ep_size < 1:
+            raise ValueError(f"--ep-size must be >= 1, got {self.ep_size}")
+        if self.ep_size > 1:
+            raise ValueError(EP_TRAIN_REFUSAL.format(ep_size=self.ep_size))
         if self.reselect not in ("off", "grow"):
             raise ValueError(f"--reselect must be off or grow, got {self.reselect!r}")
         if self.reselect == "grow" and (self.monitor_every < 1 or self.experts_mode != "selected"):
