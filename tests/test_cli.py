@@ -238,7 +238,49 @@ def bad_inputs(tmp_path_factory, tiny_model_dir):
     (root / "a-file").write_text("not a directory")
     (root / "demo-out").mkdir()
     (root / "demo-out" / "something").write_text("earlier results")
+    _round3_inputs(root, tiny_model_dir)
     return root
+
+
+def _round3_inputs(root, tiny_model_dir):
+    """Inputs of the last tracebacks and silent acceptances of the round-3 audit (issue 18)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter
+    from moe_sieve.adapters.routed import RoutedAdapterConfig, apply_routed_adapters
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_routed_adapters(model, {0: [0, 1], 1: [2], 2: [3]}, RoutedAdapterConfig(variant="E", r=2))
+    save_sieve_adapter(model, root / "routed-adapter", base_model=str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_sieve_lora(model, {0: [0], 1: [2], 2: [3]}, SieveLoraConfig(r=2, alpha=4, router="full"))
+    save_sieve_adapter(model, root / "router-full-adapter", base_model=str(tiny_model_dir))
+    shutil.copytree(root / "keyless-profile", root / "list-profile")
+    (root / "list-profile" / "profile.json").write_text("[1, 2]\n")
+    (root / "many.yaml").write_text(f"batch_size: many\ndata: {root / 'rows.jsonl'}\nout: {root / 'never'}\n")
+    (root / "llm-adapters").mkdir()
+    (root / "llm-adapters" / "test.json").write_text('[{"instruction": "Is it?", "answer": "true"}, {"instr')
+    (root / "llm-adapters" / "empty.json").write_text("[]\n")
+    (root / "scripted").mkdir()
+    (root / "scripted" / "scripted.py").write_text("import datasets\n")
+    for name, train in (("k-abc", {"k": "abc"}), ("lr-fast", {"learning_rate": "fast"})):
+        sweep = {
+            "name": name, "models": [str(tiny_model_dir)], "seeds": [0],
+            "tasks": [{"name": "t", "data": str(root / "rows.jsonl"), "eval": {"data": "gsm8k"}}],
+            "conditions": [{"name": "c", "train": {"max_steps": 1, **train}}],
+        }  # fmt: skip
+        (root / f"sweep-{name}.yaml").write_text(json.dumps(sweep))
+    header = "model,task,condition,seed,accuracy\n"
+    for name, content in (
+        ("empty", b""),
+        ("binary", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
+        ("ragged", (header + "m,t,full,0,0.5\nm,t,full,1\n").encode()),
+        ("latin1", (header + "m,t,caf\xe9,0,0.5\n").encode("latin-1")),
+    ):
+        (root / f"study-{name}").mkdir()
+        (root / f"study-{name}" / "results.csv").write_bytes(content)
 
 
 ERROR_CASES = {
@@ -322,6 +364,81 @@ ERROR_CASES = {
     "broken JSON line in TASK:PATH": (
         ["profile", "--model", "{model}", "--data", "gsm8k:{bad}/broken.jsonl", "--out", "{tmp}/p"],
         "broken.jsonl:3: invalid JSON",
+    ),
+    # round 3 (issue 18), item 4: the last tracebacks
+    "export peft of a routed adapter": (
+        ["export", "{bad}/routed-adapter", "--out", "{tmp}/x"],
+        "routed-adapter: --format peft: a Routed-PEFT adapter",
+    ),
+    "export vllm of a routed adapter": (
+        ["export", "{bad}/routed-adapter", "--out", "{tmp}/x", "--format", "vllm"],
+        "routed-adapter: --format vllm: a Routed-PEFT adapter",
+    ),
+    "export peft of a router-full adapter": (
+        ["export", "{bad}/router-full-adapter", "--out", "{tmp}/x"],
+        "router-full-adapter: --format peft: the routers were fully fine-tuned (--router full)",
+    ),
+    "export vllm of a router-full adapter": (  # it used to drop the trained routers silently
+        ["export", "{bad}/router-full-adapter", "--out", "{tmp}/x", "--format", "vllm"],
+        "--format vllm: the routers were fully fine-tuned (--router full)",
+    ),
+    "stats on a JSON-list profile.json": (["stats", "{bad}/list-profile"], "list-profile/profile.json: not a"),
+    "preset batch_size many": (
+        ["train", "--preset", "{bad}/many.yaml", "--model", "{model}"],
+        "batch_size (--batch-size) must be an integer, got 'many'",
+    ),
+    "truncated LLM-Adapters test.json": (
+        ["eval", "--model", "{model}", "--data", "commonsense-boolq:{bad}/llm-adapters/test.json", "--device", "cpu"],
+        "llm-adapters/test.json: could not read the data",
+    ),
+    "empty LLM-Adapters file": (
+        ["train", "--model", "{model}", "--data", "commonsense170k:{bad}/llm-adapters/empty.json", "--out", "{tmp}/t"],
+        "empty.json: no examples (an empty JSON list)",
+    ),
+    "dataset with a loading script": (  # fails after train took the run lock: no directory is left behind
+        ["train", "--model", "{model}", "--data", "gsm8k:{bad}/scripted", "--out", "{tmp}/t/run", "--device", "cpu"],
+        "/scripted (RuntimeError: Dataset scripts are no longer supported",
+    ),
+    # item 6: smaller items
+    "sweep k abc": (["sweep", "{bad}/sweep-k-abc.yaml", "--out", "{tmp}/s"], "--k 'abc'"),
+    "sweep learning_rate fast": (
+        ["sweep", "{bad}/sweep-lr-fast.yaml", "--out", "{tmp}/s"],
+        "learning_rate (--learning-rate) must be a number, got 'fast'",
+    ),
+    "report on an empty results.csv": (
+        ["report", "{bad}/study-empty", "--out", "{tmp}/r.html"],
+        "study-empty/results.csv: empty file",
+    ),
+    "report on a binary results.csv": (
+        ["report", "{bad}/study-binary", "--out", "{tmp}/r.html"],
+        "study-binary/results.csv: not a CSV text file",
+    ),
+    "report --k abc": (["report", "{bad}/study-ragged", "--out", "{tmp}/r.html", "--k", "abc"], "--k 'abc'"),
+    "compare-runs ragged row": (["compare-runs", "{bad}/study-ragged/results.csv"], "results.csv:3: 4 fields"),
+    "compare-runs non-UTF-8": (["compare-runs", "{bad}/study-latin1/results.csv"], "results.csv: not UTF-8"),
+    "eval of a NaN adapter": (
+        ["eval", "--model", "{model}", "--data", "gsm8k:{bad}/rows.jsonl", "--adapter", "{bad}/nan-adapter"],
+        "nan-adapter/adapter.safetensors: non-finite",
+    ),
+    "export vllm of a NaN adapter": (
+        ["export", "{bad}/nan-adapter", "--out", "{tmp}/x", "--format", "vllm"],
+        "nan-adapter/adapter.safetensors: non-finite",
+    ),
+    "monitor-examples 0": (
+        ["train", "--data", "{rows}", "--out", "{tmp}/t", "--monitor-examples", "0"],
+        "--monitor-examples must be >= 1, got 0",
+    ),
+    "demo train-steps 0": (["demo", "--out", "{tmp}/d", "--train-steps", "0"], "demo --train-steps must be >= 1"),
+    "demo eval-examples 0": (["demo", "--out", "{tmp}/d", "--eval-examples", "0"], "--eval-examples must be >= 1"),
+    "plan alpha nan": (["plan", "--alpha", "nan"], "--alpha must be a finite number > 0, got nan"),
+    "stats stability-trials unbounded": (
+        ["stats", "{bad}/keyless-profile", "--stability-trials", "100000000"],
+        "--stability-trials must be between 0 (skip) and 10,000",
+    ),
+    "train max-length 1": (["train", "--data", "{rows}", "--out", "{tmp}/t", "--max-length", "1"], "--max-length"),
+    "eval out is a directory": (  # before the evaluation, not after it
+        ["eval", "--model", "{model}", "--data", "gsm8k:{bad}/rows.jsonl", "--out", "{bad}/demo-out"],
+        "demo-out is a directory, not a file",
     ),
 }
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from moe_sieve._io import (
     ArtifactExistsError,
     RunLockedError,
+    UnsafePathError,
     atomic_dir,
     atomic_write_json,
     clean_stale_temps,
@@ -384,3 +385,229 @@ def test_checks_come_before_profiling_and_model_loading(tiny_model_dir, rows, tm
         monkeypatch, capsys, "profile", "--model", tiny_model_dir, "--data", rows, "--out", tmp_path / "file" / "p"
     )
     assert code == 2 and "is not a directory" in err
+
+
+# --- hardening round 3 (issue 18) --------------------------------------------------------------------------------
+
+
+def test_a_planted_link_never_redirects_a_write_out_of_the_run(tiny_model_dir, rows, tmp_path, monkeypatch, capsys):
+    """The audit's repro: a finished run whose .lock is a symbolic link to a file outside it. A refused `train`,
+    `--overwrite` and `--resume` each stop with one error naming the link; the outside file is unchanged."""
+    run, outside = tmp_path / "run", tmp_path / "outside.txt"
+    train(_config(tiny_model_dir, rows, run, max_steps=1, monitor_every=0))
+    outside.write_text("precious\n")
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(outside)
+    args = ["train", "--model", tiny_model_dir, "--data", rows, "--out", run, "--max-steps", 1, "--device", "cpu"]
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        code, _, err = run_cli(monkeypatch, capsys, *args, *extra)
+        assert code == 2 and ".lock is a symbolic link" in err and "Traceback" not in err, (extra, err)
+        assert outside.read_text() == "precious\n", extra
+    # a hard link to the outside file, or a file that is no pid file, is refused the same way (never truncated)
+    (run / ".lock").unlink()
+    os.link(outside, run / ".lock")
+    with pytest.raises(UnsafePathError, match="hard links"):
+        train(_config(tiny_model_dir, rows, run, max_steps=1))
+    (run / ".lock").unlink()
+    (run / ".lock").write_text("notes of the user\n")
+    with pytest.raises(UnsafePathError, match="not a moe-sieve lock file"):
+        train(_config(tiny_model_dir, rows, run, max_steps=1))
+    assert (run / ".lock").read_text() == "notes of the user\n" and outside.read_text() == "precious\n"
+    # a sweep worker's log is appended to, never through a link
+    from moe_sieve.sweep.executors import WORKER_LOG, run_worker
+
+    (run / WORKER_LOG).symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="worker.log is a symbolic link"):
+        run_worker(str(run))
+    assert outside.read_text() == "precious\n"
+
+
+def test_checkpoints_are_written_fresh_never_through_a_planted_link(tiny_model_dir, rows, tmp_path):
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    outside.mkdir()
+    _killed_run(tiny_model_dir, rows, run, monitor_every=0)  # stopped after checkpoint-1
+    (run / "checkpoints" / "checkpoint-2").symlink_to(outside, target_is_directory=True)
+    train(_config(tiny_model_dir, rows, run, monitor_every=0), resume=True)  # saves checkpoint-2
+    assert not list(outside.iterdir())  # nothing written through the link
+    assert not (run / "checkpoints" / "checkpoint-2").is_symlink()
+    assert checkpoint_complete(run / "checkpoints" / "checkpoint-2")
+    _killed_run(tiny_model_dir, rows, tmp_path / "linked", monitor_every=0)
+    checkpoints = tmp_path / "linked" / "checkpoints"
+    checkpoints.rename(tmp_path / "elsewhere")
+    checkpoints.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="checkpoints is a symbolic link"):
+        train(_config(tiny_model_dir, rows, tmp_path / "linked", monitor_every=0), resume=True)
+
+
+def test_a_failed_lock_holder_leaves_no_trace(tmp_path):
+    created = tmp_path / "a" / "b"
+    with pytest.raises(_Stop), run_lock(created):
+        raise _Stop
+    assert not (tmp_path / "a").exists()  # every directory the lock created is gone again
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(_Stop), run_lock(kept):
+        raise _Stop
+    assert kept.is_dir() and not list(kept.iterdir())
+    with run_lock(kept):
+        pass
+    assert (kept / ".lock").read_text() == f"{os.getpid()}\n"  # a finished holder keeps its lock file
+    with pytest.raises(_Stop), run_lock(kept):
+        (kept / "config.json").write_text("{}")
+        raise _Stop
+    assert sorted(p.name for p in kept.iterdir()) == [".lock", "config.json"]
+
+
+def test_resume_of_a_finished_run_keeps_its_metrics_and_segments_add_up(tiny_model_dir, rows, tmp_path):
+    """Interrupted after step 3 of 4 (the checkpoint of step 2 survives), resumed: the metrics count steps, time
+    and tokens of both segments. A --resume of the finished run changes nothing; a longer schedule adds one."""
+    from transformers import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    config = _config(tiny_model_dir, rows, run, max_steps=4, save_steps=2, monitor_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[CtrlC()])
+    metrics = train(config, resume=True).metrics
+    uninterrupted = train(_config(tiny_model_dir, rows, ref, max_steps=4, save_steps=2, monitor_every=0)).metrics
+    segments = metrics["segments"]
+    assert [s["steps"] for s in segments] == [2, 2] and metrics["steps"] == 4
+    assert metrics["tokens_seen"] == sum(s["tokens_seen"] for s in segments) == uninterrupted["tokens_seen"]
+    assert metrics["wall_time_s"] == pytest.approx(sum(s["wall_time_s"] for s in segments), abs=2e-3)
+    assert metrics["tokens_per_s"] == pytest.approx(metrics["tokens_seen"] / metrics["wall_time_s"], rel=1e-3)
+    assert uninterrupted["segments"] == [{k: uninterrupted[k] for k in ("steps", "wall_time_s", "tokens_seen")}]
+
+    before = (run / "metrics.json").read_bytes()
+    again = train(config, resume=True)
+    assert again.already_finished and again.metrics == json.loads(before)
+    assert (run / "metrics.json").read_bytes() == before  # not rewritten
+    longer = train(_config(tiny_model_dir, rows, run, max_steps=6, save_steps=2, monitor_every=0), resume=True)
+    assert [s["steps"] for s in longer.metrics["segments"]] == [2, 2, 2] and longer.metrics["steps"] == 6
+
+
+def test_ctrl_c_in_train_prints_how_to_continue(tiny_model_dir, rows, tmp_path, monkeypatch, capsys):
+    """Exit 130 with one line: --resume once a checkpoint exists, --overwrite before (and the plain rerun and
+    --resume of such a run say --overwrite at once)."""
+    from transformers import TrainerCallback
+
+    import moe_sieve.training as training
+
+    real_train = training.train
+
+    def interrupted_at(event):
+        def ctrl_c(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+        callback = type("CtrlC", (TrainerCallback,), {event: ctrl_c})()
+        return lambda config, **kw: real_train(config, callbacks=[callback], **kw)
+
+    args = ["train", "--model", tiny_model_dir, "--data", rows, "--device", "cpu", "--max-steps", 2]
+    args += ["--save-steps", 1, "--batch-size", 8, "--micro-batch-size", 8, "--monitor-every", 0]
+    for event, run, hint in (
+        ("on_save", tmp_path / "saved", f"--resume continues {tmp_path / 'saved'} from checkpoint-1"),
+        ("on_train_begin", tmp_path / "early", "no complete checkpoint yet, so there is nothing to resume"),
+    ):
+        monkeypatch.setattr(training, "train", interrupted_at(event))
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--out", run)
+        errors = [line for line in err.splitlines() if "Error:" in line]
+        assert code == 130 and len(errors) == 1 and "interrupted;" in errors[0] and hint in errors[0], err[-2000:]
+        monkeypatch.setattr(training, "train", real_train)
+    for extra in ([], ["--resume"]):
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "early", *extra)
+        assert code == 2 and "--overwrite to start it again" in err and "pass --resume" not in err, err[-2000:]
+
+
+def test_a_damaged_optimizer_state_names_the_checkpoint(tiny_model_dir, rows, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train(_config(tiny_model_dir, rows, run, max_steps=2, save_steps=1, monitor_every=0))
+    optimizer = run / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(b"\0" * optimizer.stat().st_size)  # same size: the completeness marker still matches
+    args = ["train", "--model", tiny_model_dir, "--data", rows, "--out", run, "--device", "cpu", "--max-steps", 3]
+    args += ["--save-steps", 1, "--batch-size", 8, "--micro-batch-size", 8, "--monitor-every", 0, "--resume"]
+    args += ["--r", 4, "--alpha", 8, "--warmup", 0, "--logging-steps", 1, "--profile-subsample", 0.5]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    errors = [line for line in err.splitlines() if "Error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert "checkpoint-2: its optimizer/scheduler state does not load" in errors[0]
+    assert "continue from checkpoint-1" in errors[0]
+
+
+def test_safetensors_artifacts_get_the_umask_permissions(tiny_model_dir, rows, tmp_path):
+    """Profile, adapter, checkpoints, routing trace and every export: 0644 under umask 022 (safetensors' own
+    writer creates 0600), like the JSON files beside them."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_sieve._io import atomic_dir
+    from moe_sieve.adapters import export_peft_adapter, load_sieve_adapter, merge_sieve_lora
+    from moe_sieve.adapters.serving import export_serving_adapter
+
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        train(_config(tiny_model_dir, rows, run, max_steps=2, save_steps=1, monitor_every=1))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        load_sieve_adapter(model, run / "adapter")
+        export_peft_adapter(model, tmp_path / "peft")
+        export_serving_adapter(model, tmp_path / "vllm", engine="vllm")
+        with atomic_dir(tmp_path / "merged") as tmp:
+            merge_sieve_lora(model).save_pretrained(tmp)
+    finally:
+        os.umask(old)
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    names = {p.relative_to(tmp_path).as_posix() for p in files}
+    expected = {"run/profile/profile.safetensors", "run/adapter/adapter.safetensors", "run/routing_trace.safetensors"}
+    expected |= {"run/checkpoints/checkpoint-2/adapter.safetensors", "merged/model.safetensors"}
+    assert expected <= names and any(n.startswith("peft/") for n in names) and any(n.startswith("vllm/") for n in names)
+    assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
+        n: oct(0o644) for n in names
+    }
+    assert oct((run / "metrics.json").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_overwrite_keeps_files_it_does_not_own_and_its_own_inputs(tiny_model_dir, rows, tmp_path):
+    """A sweep's run.json and worker.log (earlier attempts' logs included) and a --profile RUN/profile input
+    survive `train --overwrite`; the new run's routing trace is written into the new run."""
+    run = tmp_path / "run"
+    train(_config(tiny_model_dir, rows, run, max_steps=1, monitor_every=0))
+    (run / "run.json").write_text('{"run_id": "r"}\n')
+    (run / "worker.log").write_text("attempt 1\n")
+    old_profile = Profile.load(run / "profile").fingerprint
+    result = train(_config(tiny_model_dir, rows, run, max_steps=2, profile=str(run / "profile")), overwrite=True)
+    assert result.metrics["steps"] == 2
+    assert (run / "run.json").read_text() == '{"run_id": "r"}\n' and (run / "worker.log").read_text() == "attempt 1\n"
+    record = json.loads((run / "config.json").read_text())
+    assert Profile.load(record["train"]["profile"]).fingerprint == old_profile  # the input config.json names
+    assert (run / "routing_trace.safetensors").exists()  # was written into the old run and lost with it
+    assert not list(tmp_path.glob(".run.*"))
+
+
+def test_rows_with_an_empty_text_are_left_out_and_counted(byte_tokenizer, tmp_path):
+    from moe_sieve.data.sft import build_sft_dataset
+    from moe_sieve.data.tasks import Example
+
+    examples = [Example("", "some text", "d.jsonl:1"), Example("", "", "d.jsonl:2"), Example("Q:", " ", "d.jsonl:3")]
+    dataset, report = build_sft_dataset(examples, byte_tokenizer, 64)
+    assert (len(dataset), report.kept, report.empty, report.empty_sources) == (1, 1, 2, ["d.jsonl:2", "d.jsonl:3"])
+    assert "2 left out with an empty text (e.g. d.jsonl:2)" in report.summary()
+    with pytest.raises(ValueError, match="all 2 examples have an empty text"):
+        build_sft_dataset(examples[1:], byte_tokenizer, 64)
+
+
+def test_inputs_made_on_another_model_warn_with_both_fingerprints(tiny_model_dir, rows, tmp_path, monkeypatch, capsys):
+    from moe_sieve.arch import config_fingerprint
+    from moe_sieve.modeling import ModelSpec, load_model
+
+    ours = config_fingerprint(load_model(ModelSpec(model=str(tiny_model_dir), device="cpu")).config)
+    selection = Selection({0: [1], 1: [2], 2: [3]}, num_experts=8, strategy="topk")
+    selection.source = {"model_config_fingerprint": "0123456789abcdef"}
+    selection.save(tmp_path / "sel.json")
+    args = ["train", "--model", tiny_model_dir, "--data", rows, "--device", "cpu", "--max-steps", 1]
+    args += ["--batch-size", 8, "--micro-batch-size", 8, "--monitor-every", 0]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "run", "--selection", tmp_path / "sel.json")
+    warnings = [line for line in err.splitlines() if line.startswith("Warning:")]
+    assert code == 0 and len(warnings) == 1, err[-2000:]
+    assert "sel.json" in warnings[0] and "0123456789abcdef" in warnings[0] and ours in warnings[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -175,7 +176,7 @@ def test_partial_run_is_never_finished(tmp_path):
 
 def test_local_executor_gives_each_run_one_gpu_or_a_cpu_share(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(executors_mod, "run_worker", lambda run_dir, env: seen.append((run_dir, env)) or 0)
+    monkeypatch.setattr(executors_mod, "run_worker", lambda run_dir, env, **kw: seen.append((run_dir, env)) or 0)
     monkeypatch.setattr(executors_mod, "_gpu_count", lambda: 2)
     executors_mod.run_local([f"r{i}" for i in range(6)], jobs=2)
     assert {env["CUDA_VISIBLE_DEVICES"] for _, env in seen} == {"0", "1"} and len(seen) == 6
@@ -384,3 +385,124 @@ def test_an_unscorable_eval_fails_at_expand_not_after_training(tmp_path):
     data["tasks"][0]["eval"] = {"data": "math-gsm8k"}
     with pytest.raises(ValueError, match="not on the Hugging Face hub; pass math-gsm8k:PATH"):
         expand(SweepConfig.from_dict(data, source="s.yaml"), tmp_path)
+
+
+# --- hardening round 3 (issue 18): typos fail at expand time, Ctrl-C stops the sweep ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [("k", "abc", "--k 'abc'"), ("learning_rate", "fast", "learning_rate (--learning-rate) must be a number")],
+)
+def test_a_bad_train_option_fails_when_the_grid_is_expanded(tmp_path, option, value, expected):
+    data = _sweep_dict(conditions=[{"name": "ok", "train": {}}, {"name": "bad", "train": {option: value}}])
+    config = SweepConfig.from_yaml(_write(tmp_path, data))
+    with pytest.raises(ValueError, match=rf"condition 'bad', task 'arith'.*{re.escape(expected)}"):
+        expand(config, tmp_path / "study")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        run_sweep(config, tmp_path / "study")
+    assert not (tmp_path / "study").exists()  # refused before anything is written
+
+
+_FAKE_WORKER = """
+import json, os, sys, time
+run_dir = sys.argv[1]
+with open(os.path.join(run_dir, "started"), "w") as handle:
+    json.dump({"pid": os.getpid(), "sid": os.getsid(0)}, handle)
+try:
+    time.sleep(60)
+except KeyboardInterrupt:  # what pipeline.main does (tested below): record the run as interrupted, exit 130
+    with open(os.path.join(run_dir, "error.json"), "w") as handle:
+        json.dump({"error": "interrupted", "interrupted": True}, handle)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_a_local_sweep_and_its_workers(monkeypatch, tmp_path):
+    """Two runs at a time, four runs: Ctrl-C while the first two run stops both (each gets one SIGINT and
+    records itself interrupted), starts no other run and raises SweepInterrupted in seconds."""
+    import threading
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_FAKE_WORKER)
+    monkeypatch.setattr(executors_mod, "worker_command", lambda d: [sys.executable, str(worker), str(d)])
+    monkeypatch.setattr(executors_mod, "_gpu_count", lambda: 0)
+    dirs = [tmp_path / f"r{i}" for i in range(4)]
+    for folder in dirs:
+        folder.mkdir()
+
+    def press_ctrl_c() -> None:
+        deadline = time.monotonic() + 30
+        while not all((d / "started").exists() for d in dirs[:2]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C reaches the sweep process
+
+    done: list[tuple[str, int]] = []
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(executors_mod.SweepInterrupted):
+        executors_mod.run_local([str(d) for d in dirs], jobs=2, on_done=lambda d, code: done.append((d, code)))
+    assert time.monotonic() - started < 30
+    assert sorted(done) == [(str(dirs[0]), 130), (str(dirs[1]), 130)]
+    for folder in dirs[:2]:
+        info = json.loads((folder / "started").read_text())
+        assert info["sid"] != os.getsid(0)  # its own session: a terminal's Ctrl-C reaches it only through the sweep
+        with pytest.raises(ProcessLookupError):
+            os.kill(info["pid"], 0)  # exited and reaped: no orphan
+        assert json.loads((folder / "error.json").read_text())["interrupted"] is True
+    assert not [p for d in dirs[2:] for p in d.iterdir()]  # the other runs never started
+
+
+def test_an_interrupted_worker_records_its_run_as_interrupted(monkeypatch, tmp_path):
+    from moe_sieve.sweep import pipeline
+
+    runs = expand(SweepConfig.from_dict(_sweep_dict(seeds=(0,))), tmp_path)
+    run_dir = tmp_path / "runs" / runs[0].run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(runs[0].to_json()))
+
+    def cut(spec):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_one", cut)
+    handler = signal.getsignal(signal.SIGINT)
+    assert pipeline.main([str(run_dir)]) == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # only ignored while the record is written
+    record = json.loads((run_dir / "error.json").read_text())
+    assert record["interrupted"] is True and "continues it" in record["error"]
+    assert [row["status"] for row in gather(runs, tmp_path)] == ["interrupted", "pending"]
+
+
+@pytest.mark.slow  # two sweep processes and three workers; the fast tests above cover each piece
+def test_ctrl_c_on_a_real_sweep_interrupts_it_and_the_rerun_continues(tmp_path):
+    conditions = [{"name": "hot-25", "train": {"strategy": "topk", "max_steps": 40}}, {"name": "full", "train": {}}]
+    sweep_yaml = _write(tmp_path, _sweep_dict(conditions=conditions, seeds=(0,)))
+    out = tmp_path / "study"
+    runs = expand(SweepConfig.from_yaml(sweep_yaml), out)
+    first, second = (out / "runs" / spec.run_id for spec in runs)
+    cmd = [sys.executable, "-m", "moe_sieve.cli", "sweep", str(sweep_yaml), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (first / "checkpoints" / "checkpoint-1" / "moe_sieve_complete.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole foreground group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = [line for line in err.decode().splitlines() if "Error:" in line]
+    assert proc.returncode == 130 and len(errors) == 1, err.decode()[-3000:]
+    assert "sweep interrupted: 0 runs finished, 1 interrupted, 1 not started" in errors[0]
+    assert f"moe-sieve sweep {sweep_yaml} --out {out}` again" in errors[0]
+    assert _statuses(out) == ["interrupted", "pending"] and not (second / "worker.log").exists()
+
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _statuses(out) == ["finished", "finished"]
+    log = (first / "worker.log").read_text()
+    assert "interrupted" in log and "resuming from" in log  # both attempts' logs are kept
+    assert (first / "run.json").exists()
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and len(metrics["segments"]) == 2

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,15 @@ class ArtifactExistsError(FileExistsError):
 
 class RunLockedError(RuntimeError):
     """Another process holds the run directory's lock."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying the one line that tells the user how to continue."""
+
+
+class UnsafePathError(PermissionError):
+    """A file moe-sieve writes into is a symbolic link, a hard link or not a regular file: writing through it
+    could change a file outside the run directory, so it is refused."""
 
 
 def fault_point(name: str) -> None:
@@ -56,8 +66,27 @@ def _umask() -> int:
 
 
 def honour_umask(path: Path, directory: bool) -> None:
-    """mkstemp/mkdtemp create 0600/0700; artifacts get the permissions a plain open()/mkdir() would give."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    """mkstemp/mkdtemp (and safetensors' writer) create 0600/0700; artifacts get the permissions a plain
+    open()/mkdir() would give. A symbolic link is never followed."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fchmod(fd, (0o777 if directory else 0o666) & ~_umask())
+    finally:
+        os.close(fd)
+
+
+def honour_umask_tree(root: Path) -> None:
+    """``honour_umask`` for everything inside a staging directory (files other writers created 0600 too)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                honour_umask(path, directory=False)
+        for name in dirnames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                honour_umask(path, directory=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -120,9 +149,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    honour_umask(tmp_path, directory=False)
     try:
         yield tmp_path
+        honour_umask(tmp_path, directory=False)  # after the writer: safetensors creates its file 0600
         fault_point("atomic-rename")
         os.replace(tmp_path, path)
     finally:
@@ -137,6 +166,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """A ``.safetensors`` file (torch or numpy tensors) written like every other artifact: atomically, with
+    the umask's permissions."""
+    first = next(iter(tensors.values()), None)
+    if first is not None and type(first).__module__ == "numpy":
+        from safetensors.numpy import save_file
+    else:
+        from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def ensure_writable(path: str | os.PathLike, overwrite: bool, *, directory: bool | None = None) -> Path:
@@ -171,6 +212,34 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable safetensors file, truncated or corrupt? ({err})") from None
+
+
+def read_csv_rows(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV table's columns and its ``(line, row)`` pairs, read strictly: binary or non-UTF-8 content, an empty
+    file and a row with more or fewer fields than the header are errors naming the file (and line)."""
+    import csv
+    import io
+
+    path = Path(path)
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ValueError(f"{path}: not a CSV text file (it holds NUL bytes)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start + 1})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty file (expected a header row and one row per run)")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = list(reader.fieldnames or [])
+    rows = []
+    for row in reader:
+        extra, missing = row.pop(None, None) or [], [key for key, value in row.items() if value is None]
+        if extra or missing:
+            found = len(columns) + len(extra) - len(missing)
+            raise ValueError(f"{path}:{reader.line_num}: {found} fields, but the header has {len(columns)}")
+        rows.append((reader.line_num, row))
+    return columns, rows
 
 
 def fingerprint(obj: Any) -> str:
@@ -241,6 +310,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, *, keep_others:
     tmp = make_staging_dir(path)
     try:
         yield tmp
+        honour_umask_tree(tmp)  # before the kept files are linked in: those keep their own permissions
         if keep_others and path.is_dir():
             for entry in path.iterdir():
                 if not (tmp / entry.name).exists():
@@ -268,27 +338,103 @@ def _link_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copy2(src, dst)
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def open_in_run(path: str | os.PathLike, flags: int) -> int:
+    """``os.open`` of a file moe-sieve writes in place (not by rename): never through a symbolic link, and only
+    a regular file with no other hard link, so a planted link cannot redirect the write outside the run."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | _NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW on a symbolic link
+            raise UnsafePathError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); moe-sieve never writes through one. "
+                "Remove it and run again"
+            ) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"one of {info.st_nlink} hard links"
+        raise UnsafePathError(f"{path} is {what}; moe-sieve does not write into it. Remove it and run again")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_log(path: str | os.PathLike):
+    """A log file opened for appending (binary), never through a symbolic or hard link."""
+    return os.fdopen(open_in_run(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+
+
+_PID_LINE = re.compile(rb"^\d*\n?$")
+
+
 @contextlib.contextmanager
 def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
-    """Advisory exclusive lock on ``directory/.lock`` for the block; a second holder fails at once."""
+    """Advisory exclusive lock on ``directory/.lock`` for the block; a second holder fails at once.
+
+    The lock file is opened without following links and holds only the holder's pid: anything else there
+    (a link, a file with other content) is refused, never truncated. A block that fails leaves no trace of
+    the lock: a directory this lock created, or a lock file it created, is removed again if nothing else
+    was written beside it.
+    """
     import fcntl
 
     directory = Path(directory)
+    created_dirs = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
     directory.mkdir(parents=True, exist_ok=True)
     lock_path = directory / ".lock"
-    handle = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
-    try:
+    for _attempt in range(10):
+        created = False
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = open_in_run(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            created = True
+        except FileExistsError:
+            fd = open_in_run(lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise RunLockedError(
                 f"{directory} is in use by another moe-sieve process (lock {lock_path}); wait for it to finish "
                 "or choose another --out"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield lock_path
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # the lock file was removed or replaced between open and flock: take the new one
+    else:
+        raise RunLockedError(f"{lock_path} keeps changing; another process is creating and removing it")
+    try:
+        content = os.pread(fd, 64, 0)
+        if not _PID_LINE.match(content):
+            raise UnsafePathError(
+                f"{lock_path} is not a moe-sieve lock file (it holds other content); remove it and run again"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        ok = False
+        try:
+            yield lock_path
+            ok = True
+        finally:
+            if not ok and created and _same_file(fd, lock_path) and _only_lock_in(directory):
+                lock_path.unlink()
+                with contextlib.suppress(OSError):  # stops at the first directory something else was put in
+                    for folder in created_dirs:
+                        folder.rmdir()
     finally:
-        handle.close()
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _only_lock_in(directory: Path) -> bool:
+    return all(entry.name == ".lock" for entry in directory.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -161,8 +162,10 @@ def stats(
     profile set (`profile --data a,b,c`): per-dataset rows, the cross-dataset Jaccard matrix and Table 2."""
     from .profiling import Profile
     from .profiling.profile_set import is_profile_set
-    from .stats import routing_stats, subsample_stability
+    from .stats import check_k, check_trials, routing_stats, subsample_stability
 
+    check_k(k)
+    check_trials(stability_trials)
     if is_profile_set(profile_dir):
         _set_stats(profile_dir, k, as_json, stability_fraction, stability_trials, seed)
         return
@@ -403,8 +406,11 @@ def report(
     from ._io import ensure_writable
     from .report import write_report
     from .runstats import metric_info, parse_margins
+    from .stats import check_k, check_trials
 
     info = metric_info(metric, unit)
+    check_k(k)
+    check_trials(stability_trials)
     out = out or study_dir / "report.html"
     md = md or out.with_suffix(".md")
     for path in (out, md):
@@ -643,7 +649,9 @@ def export_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Write the adapter where it will be used: PEFT, vLLM, SGLang or a merged checkpoint."""
+    from ._io import ensure_writable
     from .adapters import export_peft_adapter
+    from .adapters.io import UnsupportedExportError
     from .adapters.serving import SERVING_ENGINES, export_serving_adapter
 
     formats = ("peft", *SERVING_ENGINES, "merged")
@@ -652,13 +660,19 @@ def export_command(
     if format == "merged":
         merge(adapter, out, model=model, dtype="auto", trust_remote_code=trust_remote_code, overwrite=overwrite)
         return
+    ensure_writable(out, overwrite, directory=True)
     net, spec = _load_adapted(adapter, model, trust_remote_code)
     sieve_bytes = _dir_bytes(adapter)
+    try:
+        if format == "peft":
+            export_peft_adapter(net, out, base_model=spec.model, overwrite=overwrite)
+        else:
+            result = export_serving_adapter(net, out, engine=format, base_model=spec.model, overwrite=overwrite)
+    except UnsupportedExportError as err:
+        _fail(f"{adapter}: --format {format}: {err}")
     if format == "peft":
-        export_peft_adapter(net, out, base_model=spec.model, overwrite=overwrite)
         console.print(f"[green]PEFT adapter written[/] to {out} (PeftModel.from_pretrained(base, '{out}'))")
     else:
-        result = export_serving_adapter(net, out, engine=format, base_model=spec.model, overwrite=overwrite)
         console.print(
             f"[green]{format} LoRA adapter written[/] to {out}: rank {result.rank}, {result.tensors} tensors, "
             f"{result.zero_filled_experts} unselected experts zero-filled"
@@ -714,7 +728,7 @@ def eval_command(
     from .modeling import ModelSpec, load_model, load_tokenizer
 
     if out is not None:
-        ensure_writable(out, overwrite)
+        ensure_writable(out, overwrite, directory=False)
     check_eval_data(data)  # a wrong --data fails before the model loads
     spec = ModelSpec(model=model, device=device, trust_remote_code=trust_remote_code)
     net, tokenizer = load_model(spec), load_tokenizer(spec)
@@ -829,8 +843,16 @@ def _train(preset: str | None, overwrite: bool, resume: bool, **options) -> None
         if missing:
             _fail(f"train needs {' and '.join(missing)} (or a --preset that sets them)")
         config = TrainConfig.from_dict({"model": DEFAULT_MODEL, **given})
-    result = train(config, overwrite=overwrite, resume=resume)
+    try:
+        result = train(config, overwrite=overwrite, resume=resume)
+    except KeyboardInterrupt:
+        from ._io import Interrupted
+        from .training.run import continue_hint
+
+        raise Interrupted(f"interrupted; {continue_hint(Path(config.out))}") from None
     m = result.metrics
+    if result.already_finished:
+        return  # train said so in one line; its metrics stay as they are
     console.print(
         f"[green]done[/]: {m['steps']} steps, final loss {m['final_loss']:.4f}, {m['trainable_params']:,} "
         f"trainable params, {m['tokens_per_s']:,.0f} tok/s, {m['wall_time_s']:.1f} s. "
@@ -905,10 +927,12 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
     from ._io import ArtifactExistsError, RunLockedError
+    from .adapters.io import UnsupportedExportError
     from .arch import UnsupportedModelError
     from .profiling import ProfileMismatchError
 
     return (
+        UnsupportedExportError,  # an adapter with no exact form in the asked export format
         ArtifactExistsError,
         RunLockedError,
         UnsupportedModelError,
@@ -920,9 +944,24 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """moe-sieve's own warnings are one ``Warning:`` line, like its errors; others keep Python's format."""
+    from .profiling.artifact import OtherModelWarning
+
+    if issubclass(category, OtherModelWarning):
+        err_console.print("[bold yellow]Warning:[/] ", end="")
+        err_console.print(" ".join(str(message).split()), markup=False, highlight=False)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main() -> None:
     """The console entry point: every expected failure ends as one ``Error:`` line and exit code 2;
     ``--debug`` (or MOE_SIEVE_DEBUG=1) shows the traceback instead."""
+    warnings.showwarning = _show_warning
     try:
         app()
     except expected_errors() as err:
@@ -930,9 +969,33 @@ def main() -> None:
             raise
         _print_error(str(err) or type(err).__name__)
         sys.exit(2)
-    except KeyboardInterrupt:
-        _print_error("interrupted; a finished result is never half-written (train --resume continues a run)")
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        _interrupted(err)
+    except SystemExit as exit_:  # Typer turns Ctrl-C into exit 130 before it gets here: find it in the chain
+        cause = _chained_interrupt(exit_)
+        if cause is None:
+            raise
+        _interrupted(cause)
+
+
+def _chained_interrupt(err: BaseException) -> KeyboardInterrupt | None:
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _interrupted(err: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line saying how to continue (the command's own, else the general one), exit 130."""
+    from ._io import Interrupted
+
+    hint = str(err) if isinstance(err, Interrupted) and str(err) else None
+    _print_error(hint or "interrupted; a finished result is never half-written (train --resume continues a run)")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ class DemoConfig:
     alpha: float = 32.0
     max_new_tokens: int = 40
 
+    def __post_init__(self) -> None:  # before the minutes of profiling, not after them
+        for option, value in (("--train-steps", self.train_steps), ("--eval-examples", self.eval_examples)):
+            if value < 1:
+                raise ValueError(f"demo {option} must be >= 1, got {value}")
+
 
 def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | None = None) -> dict[str, Any]:
     from .cputhreads import apply_cpu_threads, choose_cpu_threads

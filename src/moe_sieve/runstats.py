@@ -13,7 +13,6 @@ unless ``unit`` says otherwise, so a margin is never silently multiplied by 100.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._io import read_csv_rows
 
 REQUIRED_COLUMNS = ("model", "task", "condition", "seed")
 CONVERGED_COLUMN = "converged"
@@ -192,49 +193,47 @@ def read_runs(path: str | Path, metric: str = "accuracy", unit: str | None = Non
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a results CSV with columns {', '.join(REQUIRED_COLUMNS)})")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        missing = [c for c in (*REQUIRED_COLUMNS, metric) if c not in columns]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'})")
-        runs: list[RunRecord] = []
-        seen: dict[tuple[str, str, str, int], str] = {}
-        skipped = 0
-        for line, row in enumerate(reader, start=2):
-            where = f"{path}:{line}"
-            raw = (row.get(metric) or "").strip()
-            if not raw or raw.lower() in ("nan", "none", "null"):
-                skipped += 1
-                continue
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"{where}: {metric} {raw!r} is not a number") from None
-            if not math.isfinite(value):
-                raise ValueError(f"{where}: {metric} {raw!r} is not finite")
-            bounds = info.unit.bounds
-            if bounds is not None and not bounds[0] <= value <= bounds[1]:
-                raise ValueError(
-                    f"{where}: {metric} {raw} is outside [{bounds[0]:g}, {bounds[1]:g}] ({metric} is a proportion, "
-                    f"a fraction whose differences are reported in {info.unit.name})"
-                )
-            try:
-                seed_f = float((row.get("seed") or "").strip())
-                if not seed_f.is_integer():
-                    raise ValueError
-                seed = int(seed_f)
-            except ValueError:
-                raise ValueError(f"{where}: seed {row.get('seed')!r} is not an integer") from None
-            key = (row["model"], row["task"], row["condition"], seed)
-            if key in seen:
-                raise ValueError(
-                    f"{where}: model {key[0]!r}, task {key[1]!r}, condition {key[2]!r}, seed {seed} already "
-                    f"appears at {seen[key]}"
-                )
-            seen[key] = where
-            converged = _converged(row.get(CONVERGED_COLUMN), where)
-            runs.append(RunRecord(row["model"], row["task"], row["condition"], seed, value, where, converged))
+    columns, table = read_csv_rows(path)
+    missing = [c for c in (*REQUIRED_COLUMNS, metric) if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'})")
+    runs: list[RunRecord] = []
+    seen: dict[tuple[str, str, str, int], str] = {}
+    skipped = 0
+    for line, row in table:
+        where = f"{path}:{line}"
+        raw = (row.get(metric) or "").strip()
+        if not raw or raw.lower() in ("nan", "none", "null"):
+            skipped += 1
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{where}: {metric} {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {metric} {raw!r} is not finite")
+        bounds = info.unit.bounds
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            raise ValueError(
+                f"{where}: {metric} {raw} is outside [{bounds[0]:g}, {bounds[1]:g}] ({metric} is a proportion, "
+                f"a fraction whose differences are reported in {info.unit.name})"
+            )
+        try:
+            seed_f = float((row.get("seed") or "").strip())
+            if not seed_f.is_integer():
+                raise ValueError
+            seed = int(seed_f)
+        except ValueError:
+            raise ValueError(f"{where}: seed {row.get('seed')!r} is not an integer") from None
+        key = (row["model"], row["task"], row["condition"], seed)
+        if key in seen:
+            raise ValueError(
+                f"{where}: model {key[0]!r}, task {key[1]!r}, condition {key[2]!r}, seed {seed} already "
+                f"appears at {seen[key]}"
+            )
+        seen[key] = where
+        converged = _converged(row.get(CONVERGED_COLUMN), where)
+        runs.append(RunRecord(row["model"], row["task"], row["condition"], seed, value, where, converged))
     return runs, skipped
 
 

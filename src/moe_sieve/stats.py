@@ -210,6 +210,23 @@ def subsample_stability(
 _K_HELP = "an expert count (16), a percentage of the routed experts ('25%'), or a fraction in (0, 1) (0.25)"
 
 
+MAX_STABILITY_TRIALS = 10_000  # the paper uses 50; each trial re-ranks every layer
+
+
+def check_trials(trials: int, option: str = "--stability-trials") -> None:
+    if not 0 <= trials <= MAX_STABILITY_TRIALS:
+        raise ValueError(f"{option} must be between 0 (skip) and {MAX_STABILITY_TRIALS:,}, got {trials}")
+
+
+def check_k(k: Any, option: str = "--k") -> None:
+    """The form of ``k`` (a count, percentage or fraction), checked before the model, and so its number of
+    experts, is known: a typo fails at once, not after profiling or in the middle of a sweep."""
+    try:
+        resolve_k(k, 1 << 30)
+    except ValueError as err:
+        raise ValueError(f"{option} {k!r}: {err}") from None
+
+
 def resolve_k(k: int | float | str, num_experts: int) -> int:
     """Experts per layer from a count or a share of ``num_experts``; a share rounds half up, at least 1.
 

@@ -48,8 +48,8 @@ class SieveLoraConfig:
         self.tokens = tuple(sorted(set(self.tokens)))
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0 < self.alpha < float("inf"):  # also refuses NaN
+            raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.targets if t not in ALL_GROUPS]

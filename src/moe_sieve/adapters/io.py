@@ -5,19 +5,17 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._io import atomic_dir, atomic_path, read_safetensors
+from .._io import atomic_dir, atomic_write_safetensors, read_safetensors
 from .._version import __version__
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
-from ..profiling.artifact import ProfileMismatchError
+from ..profiling.artifact import ProfileMismatchError, warn_other_model
 from .attach import SieveState, apply_sieve_lora, trainable_parameters
 from .config import SieveLoraConfig
 from .experts import restore_experts_implementation
@@ -34,6 +32,27 @@ def _state(model: nn.Module) -> SieveState:
     state = getattr(model, "moe_sieve", None)
     if state is None:
         raise ValueError("this model has no Sieve LoRA adapters (call apply_sieve_lora or load_sieve_adapter)")
+    return state
+
+
+class UnsupportedExportError(NotImplementedError):
+    """The adapter has no exact form in the requested export format (one ``Error:`` line in the CLI)."""
+
+
+def lora_state(model: nn.Module, target: str) -> SieveState:
+    """The Sieve LoRA state of ``model`` for an export to ``target`` (PEFT, vllm, sglang); adapters that are
+    no LoRA (Routed-PEFT, routers trained in full) are refused here, by every LoRA export alike."""
+    state = _state(model)
+    if not isinstance(state, SieveState):
+        raise UnsupportedExportError(
+            f"a Routed-PEFT adapter (method routed) has no {target} form: its adapters are functions of the FFN "
+            "input that a LoRA on existing weights cannot express; serve it with moe-sieve (eval --adapter)"
+        )
+    if state.config.router == "full":
+        raise UnsupportedExportError(
+            f"the routers were fully fine-tuned (--router full), which is no LoRA, so there is no {target} form; "
+            "export --format merged instead"
+        )
     return state
 
 
@@ -78,8 +97,7 @@ def save_factors(model: nn.Module, path: str | os.PathLike, factors: dict[str, t
     """Write the trainable LoRA factors (by module path) to one safetensors file, atomically; ``factors`` are
     the ones :func:`gather_factors` gathered from a sharded model."""
     tensors = gather_factors(model) if factors is None else factors
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "moe-sieve-adapter"})
+    atomic_write_safetensors(path, tensors, {"format": "moe-sieve-adapter"})
 
 
 def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
@@ -88,6 +106,12 @@ def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     tensors = read_safetensors(path)
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # eval, export and merge alike: such an adapter never loads
+        raise ValueError(
+            f"{path}: non-finite (NaN/inf) values in {len(bad)} tensors (e.g. {bad[0]}); the adapter is damaged "
+            "or its training diverged"
+        )
     params = trainable_parameters(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -167,13 +191,8 @@ def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> SieveState:
             f"{path}: adapter made for MoE layers {saved['layer_ids']} x {saved['num_experts']} experts "
             f"(top-{saved['top_k']}), the model has {list(shape.layer_ids)} x {shape.num_experts} (top-{shape.top_k})"
         )
-    fingerprint = config_fingerprint(model.config)
-    if fingerprint != config["base_model"]["config_fingerprint"]:
-        warnings.warn(
-            f"{path}: adapter was trained on a base model with another config "
-            f"({config['base_model']['config_fingerprint']} vs {fingerprint})",
-            stacklevel=2,
-        )
+    trained_on = config["base_model"]["config_fingerprint"]
+    warn_other_model(f"the adapter {path}", trained_on, config_fingerprint(model.config))
     if config["lora"].get("method") == "routed":
         from .routed.model import load_routed_adapter
 

@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 from .._io import atomic_dir
 from .attach import SieveState
 from .experts import ExpertLoRA, restore_experts_implementation
-from .io import _state
+from .io import UnsupportedExportError, lora_state
 from .lora import LoraLinear, LoraWeightDelta
 from .tokens import TokenRowsEmbedding, TokenRowsHead, is_tied, token_row_modules, unwrap_token_rows
 
@@ -111,7 +111,7 @@ def _router_delta(module: nn.Module, name: str) -> LoraWeightDelta | None:
     if not any(isinstance(p, LoraWeightDelta) for p in chain):
         return None
     if len(chain) != 1 or set(module.parametrizations.keys()) != {"weight"}:
-        raise NotImplementedError(
+        raise UnsupportedExportError(
             f"{name} carries parametrizations {[type(p).__name__ for p in chain]} on weight and on "
             f"{sorted(module.parametrizations.keys())} besides the router LoRA; PEFT's target_parameters can only "
             "add one low-rank update to a plain parameter"
@@ -135,11 +135,6 @@ def _unparametrize(module: nn.Module) -> None:
 
 
 def _plan(model: nn.Module) -> _ExportPlan:
-    if (
-        getattr(getattr(model, "moe_sieve", None), "config", None) is not None
-        and model.moe_sieve.config.router == "full"
-    ):
-        raise NotImplementedError("the routers were fully fine-tuned (--router full), which is no LoRA; merge instead")
     plan = _ExportPlan()
     remapped = _remapped_leaves()
     for name, module in model.named_modules():
@@ -166,11 +161,11 @@ def _check_experts(name: str, experts: nn.Module, lora: ExpertLoRA) -> None:
     w_in = getattr(experts, _first_projection(lora), None)
     down = getattr(experts, "down_proj", None)
     if not isinstance(w_in, torch.Tensor) or not isinstance(down, torch.Tensor) or w_in.dim() != 3:
-        raise NotImplementedError(f"{name}: fused experts without 3D {_first_projection(lora)}/down_proj parameters")
+        raise UnsupportedExportError(f"{name}: fused experts without 3D {_first_projection(lora)}/down_proj parameters")
     if bool(getattr(experts, "is_transposed", False)) != lora.is_transposed:
-        raise NotImplementedError(f"{name}: the experts' is_transposed flag disagrees with the adapter's layout")
+        raise UnsupportedExportError(f"{name}: the experts' is_transposed flag disagrees with the adapter's layout")
     if w_in.shape[0] != lora.num_experts or down.shape[0] != lora.num_experts:
-        raise NotImplementedError(
+        raise UnsupportedExportError(
             f"{name}: {lora.num_experts} experts in the adapter but {w_in.shape[0]} stored in the parameters "
             "(expert-parallel shards cannot be exported; export from an unsharded model)"
         )
@@ -373,13 +368,13 @@ def _check_config_kept(actual: Any, intended: Any, wrapped: tuple[set[str], set[
     for what, got, want in zip(("target_modules", "target_parameters"), wrapped, intended_sets, strict=True):
         if got != want:
             added, dropped = sorted(got - want)[:5], sorted(want - got)[:5]
-            raise NotImplementedError(
+            raise UnsupportedExportError(
                 f"PEFT rewrote {what} for this model: it adapts {added} besides and drops {dropped}; "
                 "the adapter would not load as trained"
             )
     for attr in ("rank_pattern", "alpha_pattern"):
         if dict(getattr(actual, attr) or {}) != dict(getattr(intended, attr) or {}):
-            raise NotImplementedError(f"PEFT rewrote {attr} for this model; the adapter would not load as trained")
+            raise UnsupportedExportError(f"PEFT rewrote {attr} for this model; the adapter would not load as trained")
 
 
 def export_peft_adapter(
@@ -397,7 +392,7 @@ def export_peft_adapter(
     """
     from peft import get_peft_model
 
-    state = _state(model)
+    state = lora_state(model, "PEFT")
     plan = _plan(model)
     if plan.tokens and bool(getattr(model.config, "tie_word_embeddings", False)) != is_tied(model):
         raise NotImplementedError(

@@ -58,13 +58,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .._io import atomic_dir
+from .._io import atomic_dir, atomic_write_safetensors
 from ..arch import find_moe_layers, get_arch
 from .experts import ExpertLoRA
-from .io import _state
+from .io import lora_state
 from .lora import LoraLinear
 from .peft_export import _expert_factors, _first_projection, _router_delta
 from .tokens import token_row_modules
@@ -198,7 +197,7 @@ def serving_tensors(model: nn.Module, engine: Engine) -> tuple[dict[str, torch.T
     """
     if engine not in SERVING_ENGINES:
         raise ValueError(f"unknown serving engine {engine!r}; choose one of {', '.join(SERVING_ENGINES)}")
-    state = _state(model)
+    state = lora_state(model, engine)
     if token_row_modules(model):
         raise ValueError(
             f"{engine} cannot load trained token rows (--train-tokens: {len(state.config.tokens)} tokens; its LoRA "
@@ -343,7 +342,7 @@ def export_serving_adapter(
     sieve_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}
     with atomic_dir(path, overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "moe_sieve_engine": engine})
+        atomic_write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt", "moe_sieve_engine": engine})
         (tmp / "adapter_config.json").write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
     return ServingExport(
         path=Path(path),

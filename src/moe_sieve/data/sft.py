@@ -235,6 +235,8 @@ class SFTReport:
     tokens: int = 0
     max_length: int = 0
     overflow: str = "truncate"
+    empty: int = 0  # rows with an empty text/completion, left out
+    empty_sources: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,6 +249,8 @@ class SFTReport:
             else:
                 why = f"no completion token in the first {self.max_length}"
             line += f" ({why}, rule {self.overflow})"
+        if self.empty:
+            line += f", {self.empty} left out with an empty text (e.g. {self.empty_sources[0]})"
         return f"{line}; {self.tokens} tokens, {self.completion_tokens} with loss"
 
 
@@ -274,7 +278,11 @@ def build_sft_dataset(
         raise ValueError("no examples to build a fine-tuning dataset from")
     items: list[SFTItem] = []
     dropped: list[str] = []
+    empty: list[str] = []
     for example in examples:
+        if not example.completion.strip():  # nothing to learn but an EOS: left out, and counted
+            empty.append(example.source)
+            continue
         item = tokenize_for_sft(example, tokenizer, max_length, overflow=overflow, add_eos=add_eos)
         if item is None:
             dropped.append(example.source)
@@ -290,7 +298,11 @@ def build_sft_dataset(
         tokens=sum(len(item.input_ids) for item in items),
         max_length=max_length,
         overflow=overflow,
+        empty=len(empty),
+        empty_sources=empty[:MAX_DROPPED_SOURCES],
     )
+    if len(empty) == len(examples):
+        raise ValueError(f"{_origins(examples)}: all {len(examples)} examples have an empty text/completion")
     if not items:
         hint = "raise --max-length" + (" or use overflow truncate" if overflow == "drop" else "")
         raise ValueError(

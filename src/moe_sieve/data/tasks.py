@@ -298,10 +298,7 @@ def _load_task_rows(spec: TaskSpec, path: Path | None, split: str | None) -> tup
     if path.is_dir():
         split = split or spec.default_split
         origin = f"{path}[{split}]"
-        try:
-            return datasets.load_dataset(str(path), split=split), origin
-        except ValueError as err:
-            raise ValueError(f"could not load split {split!r} from {path}: {err}") from err
+        return _read_dataset(f"could not load split {split!r} from {path}", str(path), split=split), origin
     if split is not None:
         raise ValueError(_single_file_split(split, path))
     builder = LOCAL_FORMATS.get(path.suffix.lower())
@@ -315,12 +312,31 @@ def _load_task_rows(spec: TaskSpec, path: Path | None, split: str | None) -> tup
             size = 0
     elif builder == "json" and size < 4096:
         try:
-            size = size if path.read_text(encoding="utf-8").strip() else 0
+            text = path.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text (byte {err.start + 1})") from None
+        if text in ("[]", "{}"):
+            raise ValueError(f"{path}: no examples (an empty JSON {'list' if text == '[]' else 'object'})")
+        size = size if text else 0
     if size == 0:
         raise ValueError(f"{path}: no examples (the file is empty)")
-    return datasets.load_dataset(builder, data_files=str(path), split="train"), str(path)
+    return _read_dataset(f"{path}: could not read the data", builder, data_files=str(path), split="train"), str(path)
+
+
+def _read_dataset(failure: str, *args: Any, **kwargs: Any) -> Any:
+    """``datasets.load_dataset`` of local files; whatever its builders raise (a truncated JSON file, a loading
+    script it no longer runs, a split that is not there) becomes one error naming the file."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - datasets raises DatasetGenerationError, RuntimeError, ValueError...
+        generation = isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ is not None
+        cause = err.__cause__ if generation else err  # the builder's own error says what is wrong
+        detail = " ".join(str(cause).split())[:300] or type(cause).__name__
+        raise ValueError(f"{failure} ({type(cause).__name__}: {detail})") from err
 
 
 def _load_task(

@@ -12,15 +12,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from .._io import atomic_dir, fingerprint, read_safetensors
+from .._io import atomic_dir, atomic_write_safetensors, fingerprint, read_safetensors
 from .._version import __version__
 from ..arch import MoEShape
 
 PROFILE_FORMAT_VERSION = 1
 TENSORS_FILE = "profile.safetensors"
 METADATA_FILE = "profile.json"
+
+
+class OtherModelWarning(UserWarning):
+    """A profile, selection or adapter made on a model with the same routing geometry but another config."""
+
+
+def warn_other_model(what: str, made_on: str | None, this_model: str | None) -> None:
+    """Warn (once per input) when ``what`` was made on a model whose config fingerprint differs from this one's:
+    it fits, but its experts were ranked, or its factors trained, on another model."""
+    if made_on and this_model and made_on != this_model:
+        warnings.warn(
+            f"{what} was made on another model with the same routing geometry (config fingerprint {made_on}; "
+            f"this model: {this_model}); check that it is the model you meant",
+            OtherModelWarning,
+            stacklevel=1,  # one location for every caller: the same input warns once
+        )
 
 
 class ProfileMismatchError(ValueError):
@@ -99,17 +114,14 @@ class Profile:
         if problems:
             source = self.metadata.get("model", {}).get("id", "?")
             raise ProfileMismatchError(f"profile made on {source!r} does not fit this {what}: " + "; ".join(problems))
-        if config_fingerprint and self.model_fingerprint and config_fingerprint != self.model_fingerprint:
-            warnings.warn(
-                "profile was made on a model with the same routing geometry but a different config "
-                f"(fingerprint {self.model_fingerprint} vs {config_fingerprint})",
-                stacklevel=2,
-            )
+        source = self.metadata.get("model", {}).get("id", "?")
+        warn_other_model(f"the profile (made on {source!r})", self.model_fingerprint, config_fingerprint)
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the profile directory atomically: a crash leaves no half-written profile behind."""
         with atomic_dir(path, overwrite, keep_others=True) as tmp:  # keeps e.g. selections saved beside it
-            save_file(
+            atomic_write_safetensors(
+                tmp / TENSORS_FILE,
                 {
                     "counts": torch.from_numpy(np.ascontiguousarray(self.counts_LE, dtype=np.int64)),
                     "mass": torch.from_numpy(np.ascontiguousarray(self.mass_LE, dtype=np.float32)),
@@ -118,8 +130,7 @@ class Profile:
                     "example_tokens": torch.from_numpy(np.ascontiguousarray(self.example_tokens_N, dtype=np.int64)),
                     "layer_ids": torch.tensor(self.layer_ids, dtype=torch.int64),
                 },
-                str(tmp / TENSORS_FILE),
-                metadata={"format": "moe-sieve-profile", "format_version": str(PROFILE_FORMAT_VERSION)},
+                {"format": "moe-sieve-profile", "format_version": str(PROFILE_FORMAT_VERSION)},
             )
             meta = {
                 "format": "moe-sieve-profile",
@@ -151,6 +162,8 @@ class Profile:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{meta_path}: invalid JSON ({err})") from err
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: not a moe-sieve profile (a JSON {type(meta).__name__}, not an object)")
         version = meta.get("format_version")
         if meta.get("format") != "moe-sieve-profile" or version != PROFILE_FORMAT_VERSION:
             raise ValueError(

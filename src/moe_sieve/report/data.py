@@ -6,13 +6,13 @@ Layout read: ``results.csv`` (one row per run), ``runs/<run_id>/`` (config.json,
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import read_csv_rows
 from ..profiling import Profile
 from ..profiling.artifact import METADATA_FILE
 from ..profiling.profile_set import SET_FILE, load_profile_set, set_stats
@@ -192,8 +192,9 @@ def load_study(
     results = root / "results.csv"
     if results.is_file():
         data.results_path = results
-        with results.open(encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = [row for _, row in read_csv_rows(results)[1]]
+        if not rows and data.profiles is None:
+            raise ValueError(f"{results}: no runs in it (only a header), and no profiles: nothing to report")
         data.runs = [_run_info(root, row) for row in rows]
         data.skipped_rows = sum(1 for r in data.runs if _float(r.row.get("accuracy")) is None)
     if data.profiles is None and data.results_path is None:

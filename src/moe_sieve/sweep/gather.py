@@ -146,7 +146,8 @@ def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
         converged = convergence.get("converged")
         row[CONVERGED] = str(converged) if isinstance(converged, bool) else None
     elif (error := _read_json(run_dir / ERROR_FILE)) is not None:
-        row.update(status="failed", error=str(error.get("error", "unknown error")))
+        status = "interrupted" if error.get("interrupted") else "failed"
+        row.update(status=status, error=str(error.get("error", "unknown error")))
     else:
         row.update(status="pending", error="")
     return row

@@ -17,6 +17,13 @@ from .config import RunSpec
 RUN_FILE = "run.json"  # the resolved RunSpec, written before the run starts
 EVAL_FILE = "eval.json"  # written last: its presence (complete, same fingerprint) marks a finished run
 ERROR_FILE = "error.json"  # the last failure of this run
+INTERRUPTED = 130  # a worker's exit status after Ctrl-C (128 + SIGINT), as a shell reports it
+
+
+def record_interrupted(run_dir: Path, run_id: str | None = None) -> None:
+    """Mark the run interrupted (not failed): the next sweep resumes it from its newest checkpoint."""
+    error = "interrupted (Ctrl-C); running the sweep again continues it (from its last checkpoint, if any)"
+    atomic_write_json(Path(run_dir) / ERROR_FILE, {"run_id": run_id, "error": error, "interrupted": True})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -198,6 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = RunSpec.from_json(data)
     try:
         run_one(spec)
+    except KeyboardInterrupt:
+        import signal
+
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the record short
+        try:
+            record_interrupted(run_dir, spec.run_id)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        print(f"Error: {spec.run_id}: interrupted; the next sweep resumes it", file=sys.stderr)
+        return INTERRUPTED
     except BaseException as err:  # recorded for the results table, then re-raised for the exit status
         atomic_write_json(
             run_dir / ERROR_FILE,

@@ -10,9 +10,9 @@ from typing import Any
 
 from .._io import atomic_write_json
 from .config import RunSpec, SweepConfig, expand
-from .executors import EXECUTORS, run_local, run_submitit
+from .executors import EXECUTORS, SweepInterrupted, run_local, run_submitit
 from .gather import gather
-from .pipeline import RUN_FILE, is_finished
+from .pipeline import INTERRUPTED, RUN_FILE, is_finished
 
 
 @dataclass
@@ -123,11 +123,21 @@ def run_sweep(
     def on_done(run_dir: str, code: int) -> None:
         done[0] += 1
         spec = by_dir[run_dir]
-        log(f"[{done[0]}/{len(todo)}] {spec.run_id}: {'finished' if code == 0 else f'FAILED (exit {code})'}")
+        status = "finished" if code == 0 else "interrupted" if code == INTERRUPTED else f"FAILED (exit {code})"
+        log(f"[{done[0]}/{len(todo)}] {spec.run_id}: {status}")
         gather(runs, out)
 
     if options.executor == "local":
-        run_local(list(by_dir), jobs=options.jobs, on_done=on_done)
+        try:
+            run_local(list(by_dir), jobs=options.jobs, on_done=on_done)
+        except KeyboardInterrupt:
+            rows = gather(runs, out)
+            counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "interrupted", "pending")}
+            raise SweepInterrupted(
+                f"sweep interrupted: {counts['finished']} runs finished, {counts['interrupted']} interrupted, "
+                f"{counts['pending']} not started; run `moe-sieve sweep {config.source} --out {out}` again to "
+                "continue (finished runs are kept, interrupted ones resume from their last checkpoint)"
+            ) from None
     else:
         run_submitit(
             list(by_dir),

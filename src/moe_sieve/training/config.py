@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,39 @@ EP_TRAIN_REFUSAL = (
     "while num_experts is the rank's local count, and the hot expert ids would need mapping to local ids); "
     "train with --fsdp or DDP and size an EP run with `moe-sieve plan --ep-size` (docs/distributed.md)"
 )
+
+
+def _check_types(config: Any) -> None:
+    """Numeric, boolean and list fields have their annotated type (YAML presets and sweep files give strings as
+    easily as numbers): a wrong one is an error naming the key; a number written as a string (``2e-4``) is read
+    as that number."""
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), _HINTS[f.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None and type(None) in args:
+            continue  # optional and unset
+        kind = next(a for a in args if a is not type(None))
+        kind = typing.get_origin(kind) or kind
+        where = f"{f.name} (--{f.name.replace('_', '-')})"
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            whole = value.is_integer() if isinstance(value, float) else str(value).strip().lstrip("+-").isdigit()
+            if isinstance(value, bool) or not isinstance(value, float | str) or not whole:
+                raise ValueError(f"{where} must be an integer, got {value!r}")
+            value = int(value)
+        if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where} must be a number, got {value!r}") from None
+        if kind is str and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if kind is tuple:
+            value = tuple(t for t in value.split(",") if t) if isinstance(value, str) else value
+            if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
+                raise ValueError(f"{where} must be a list of names, got {value!r}")
+        setattr(config, f.name, value)
 
 
 @dataclass
@@ -113,6 +149,7 @@ class TrainConfig:
     reselect: str = _help("off, or grow: add fresh adapters to experts that enter the top-k at monitor steps.", "off")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         self.targets = tuple(self.targets)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -125,6 +162,12 @@ class TrainConfig:
         for name in ("batch_size", "micro_batch_size", "max_length", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError("--max-length must be >= 2: a causal LM learns a token only from the tokens before it")
+        if self.strategy in ("topk", "random", "greedy", "hot+filler"):
+            from ..stats import check_k
+
+            check_k(self.k, "--k")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size {self.micro_batch_size}"
@@ -135,8 +178,10 @@ class TrainConfig:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if self.monitor_every < 0 or self.monitor_examples < 1:
-            raise ValueError(f"--monitor-every must be >= 0 and --monitor-examples >= 1, got {self.monitor_every}")
+        if self.monitor_every < 0:
+            raise ValueError(f"--monitor-every must be >= 0, got {self.monitor_every}")
+        if self.monitor_examples < 1:
+            raise ValueError(f"--monitor-examples must be >= 1, got {self.monitor_examples}")
         if self.router not in ("lora", "freeze", "full"):
             raise ValueError(f"--router must be lora, freeze or full, got {self.router!r}")
         if self.router_aux_loss < 0:
@@ -213,3 +258,6 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a preset is a mapping of option names to values")
         return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
+
+
+_HINTS = typing.get_type_hints(TrainConfig)

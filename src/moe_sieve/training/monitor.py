@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
-from .._io import atomic_path
+from .._io import atomic_path, atomic_write_safetensors
 
 TRACE_FILE = "routing_trace.safetensors"
 KL_SMOOTHING = 0.5  # add-half (Jeffreys) pseudo-count per expert, so an expert unseen at step 0 gives a finite KL
@@ -156,11 +156,8 @@ class DriftMonitor(TrainerCallback):
     def _save(self) -> None:
         if self.trace_path is None or not self.is_main_process or not self.steps:
             return
-        from safetensors.numpy import save_file
-
         metadata = {"format": "moe-sieve-routing-trace", "kl_smoothing": str(KL_SMOOTHING), "every": str(self.every)}
-        with atomic_path(self.trace_path) as tmp:
-            save_file(self.trace_tensors(), str(tmp), metadata=metadata)
+        atomic_write_safetensors(self.trace_path, self.trace_tensors(), metadata)
 
     # -- measurement --
     def measure(self, model: Any, step: int) -> dict[str, np.ndarray]:

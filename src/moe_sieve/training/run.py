@@ -51,6 +51,7 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, Any]
     selection: Selection | None
+    already_finished: bool = False  # --resume of a finished run: nothing was trained, metrics.json is as it was
 
 
 def _dist():
@@ -135,6 +136,15 @@ class RunDir:
         return self.work != self.path
 
 
+def _finished(run_dir: Path, config: TrainConfig) -> bool:
+    """Adapter and metrics written by a run whose schedule (--max-steps, --epochs) is the one asked for now: a
+    --resume of it has nothing left to train (a longer schedule continues it instead)."""
+    if not all((run_dir / name).exists() for name in RESULT_FILES):
+        return False
+    record = _read_record(run_dir) or {"train": {}}
+    return all(record["train"].get(key) == getattr(config, key) for key in ("max_steps", "epochs"))
+
+
 def _read_record(run_dir: Path) -> dict[str, Any] | None:
     saved = run_dir / "config.json"
     if not saved.exists():
@@ -145,6 +155,24 @@ def _read_record(run_dir: Path) -> dict[str, Any] | None:
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{saved}: not a moe-sieve run record ({err}); pass --overwrite to start over") from None
     return record
+
+
+def _newest_complete_checkpoint(run_dir: Path) -> Path | None:
+    from .trainer import checkpoint_complete, list_checkpoints
+
+    return next((p for _, p in reversed(list_checkpoints(run_dir / "checkpoints")) if checkpoint_complete(p)), None)
+
+
+def continue_hint(run_dir: Path) -> str:
+    """How to go on with the run in ``run_dir`` once it stopped (Ctrl-C, a refusal): one sentence."""
+    if all((run_dir / name).exists() for name in RESULT_FILES):
+        return f"{run_dir} holds a finished run; --overwrite replaces it"
+    found = _newest_complete_checkpoint(run_dir)
+    if found is not None:
+        return f"--resume continues {run_dir} from {found.name} (same settings)"
+    if (run_dir / "config.json").exists():
+        return f"{run_dir} has no complete checkpoint yet, so there is nothing to resume: --overwrite starts it again"
+    return f"{run_dir} holds no run yet; run the same command again"
 
 
 def check_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
@@ -196,6 +224,11 @@ def check_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
                 f"{run_dir} already holds results ({', '.join(finished)}); pass --overwrite to replace them "
                 "or --resume to continue"
             )
+        if _newest_complete_checkpoint(run_dir) is None:
+            raise ArtifactExistsError(
+                f"{run_dir} holds an unfinished run that stopped before its first complete checkpoint "
+                f"({', '.join(present)}); there is nothing to resume: pass --overwrite to start it again"
+            )
         raise ArtifactExistsError(
             f"{run_dir} holds an unfinished run ({', '.join(present)}); pass --resume to continue it with the "
             "same settings or --overwrite to start over (its selection and checkpoints are never reused silently)"
@@ -214,6 +247,22 @@ def prepare_run_dir(config: TrainConfig, overwrite: bool, resume: bool) -> RunDi
     if overwrite and any((run_dir / n).exists() and (run_dir / n).resolve() not in inputs for n in RUN_ARTIFACTS):
         return RunDir(run_dir, make_staging_dir(run_dir))
     return RunDir(run_dir, run_dir)
+
+
+def keep_foreign_files(run_dir: Path, work: Path, config: TrainConfig) -> None:
+    """What ``--overwrite`` keeps of the old run when it swaps in the new one: files ``train`` does not write (a
+    sweep's run.json and worker.log, notes of the user) and this run's own inputs (``--profile RUN/profile``),
+    so that config.json never names a file that is gone; none of the old run's other artifacts."""
+    from .._io import _link_or_copy
+    from .monitor import TRACE_FILE
+    from .reselect import RESELECT_FILE
+
+    owned = {*RUN_ARTIFACTS, TRACE_FILE, RESELECT_FILE, "tensorboard"}
+    inputs = {Path(p).resolve() for p in (config.profile, config.selection) if p}
+    for entry in run_dir.iterdir():
+        wanted = entry.resolve() in inputs or (entry.name not in owned and not entry.name.startswith("."))
+        if wanted and not (work / entry.name).exists():
+            _link_or_copy(entry, work / entry.name)
 
 
 def _broadcast(value: Any, state: Any) -> Any:
@@ -266,6 +315,10 @@ def _given_inputs(config: TrainConfig, model: Any) -> tuple[Selection | None, Pr
                 f"{config.selection}: selection for layers {sorted(selection.experts)} x {selection.num_experts} "
                 f"experts does not fit {config.model} ({list(shape.layer_ids)} x {shape.num_experts})"
             )
+        from ..profiling.artifact import warn_other_model
+
+        made_on = (selection.source or {}).get("model_config_fingerprint")
+        warn_other_model(f"the selection {config.selection}", made_on, config_fingerprint(model.config))
     elif config.profile:
         profile = Profile.load(config.profile)
         profile.check_fits(shape, config_fingerprint(model.config))
@@ -409,17 +462,32 @@ def _train_locked(
     from transformers import TrainingArguments
 
     from ..data.sft import SFTCollator, build_sft_dataset, load_sft_examples
-    from .trainer import SieveTrainer, ThroughputCallback, last_complete_checkpoint
+    from .trainer import SegmentClock, SieveTrainer, ThroughputCallback, last_complete_checkpoint
 
     run_dir, work = run.path, run.work
     checkpoints = work / "checkpoints"
     resume_from = None
+    if resume and _finished(run_dir, config):
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if state.is_main_process:
+            print(
+                f"moe-sieve: {run_dir} is already finished ({metrics.get('steps')} steps); nothing to resume, "
+                "its metrics.json is kept as it is",
+                file=sys.stderr,
+            )
+        selection = Selection.load(run_dir / "selection.json") if (run_dir / "selection.json").exists() else None
+        return TrainResult(run_dir, metrics, selection, already_finished=True)
+    if checkpoints.is_symlink():
+        from .._io import UnsafePathError
+
+        raise UnsafePathError(f"{checkpoints} is a symbolic link; moe-sieve writes checkpoints only into its own run")
     if resume:
-        if not any(checkpoints.glob("checkpoint-*")):
-            raise FileNotFoundError(f"--resume: no checkpoint under {checkpoints}")
         found = last_complete_checkpoint(checkpoints, clean=state.is_main_process)
         if found is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {checkpoints}")
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint under {checkpoints}: the run stopped before its first one, so "
+                "there is nothing to resume; pass --overwrite to start it again"
+            )
         resume_from = str(found)
         if state.is_main_process:
             print(f"moe-sieve: resuming from {resume_from}", file=sys.stderr)
@@ -477,7 +545,7 @@ def _train_locked(
         callbacks = [RoutedLogCallback(sieve), *(callbacks or [])]
     else:
         sieve = apply_sieve_lora(model, selection, lora)
-        monitor = routing_monitor(config, model, tokenizer, examples, sieve, run_dir, state, resume_from)
+        monitor = routing_monitor(config, model, tokenizer, examples, sieve, work, state, resume_from)
     if state.is_main_process:
         from rich.console import Console
 
@@ -544,6 +612,7 @@ def _train_locked(
         base_model_id=config.model,
         keep_checkpoints=config.save_total_limit,
         fused_ce=loss_choice.backend and FusedLinearCrossEntropy.for_backend(loss_choice.backend).install(model),
+        segments=(clock := SegmentClock(resume_from)),
     )
     if monitor is not None:
         monitor.bind(trainer)
@@ -551,6 +620,7 @@ def _train_locked(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+    clock.start()
     output = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -565,10 +635,8 @@ def _train_locked(
         **({"routed": _routed_metrics(sieve)} if config.method == "routed" else {}),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
-        "wall_time_s": round(wall, 3),
+        **clock.totals(trainer.state, wall),  # wall_time_s, tokens_seen, tokens_per_s, segments: all segments
         "train_runtime_s": output.metrics.get("train_runtime"),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(wall, 1e-9), 1),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "first_loss": losses[0] if losses else None,
@@ -601,6 +669,7 @@ def _train_locked(
         )
         atomic_write_json(work / "metrics.json", metrics)
         if run.staged:  # the old run stays until the new one is complete
+            keep_foreign_files(run_dir, work, config)
             swap_in(work, run_dir)
     state.wait_for_everyone()
     return TrainResult(run_dir, metrics, selection)

@@ -25,6 +25,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 COMPLETE_MARKER = "moe_sieve_complete.json"
+SEGMENTS_FILE = "moe_sieve_segments.json"  # steps, wall time and tokens of each training segment up to here
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -62,6 +63,18 @@ def last_complete_checkpoint(directory: str | os.PathLike, *, clean: bool = Fals
     return newest
 
 
+def damaged_checkpoint_message(checkpoint: Path, what: str, err: BaseException) -> str:
+    """Which checkpoint does not load, and how to continue: from the complete checkpoint before it, or anew."""
+    match = _CHECKPOINT.match(checkpoint.name)
+    step = int(match.group(1)) if match else 0
+    earlier = [p for n, p in list_checkpoints(checkpoint.parent) if n < step and checkpoint_complete(p)]
+    if earlier:
+        advice = f"remove {checkpoint} and --resume again to continue from {earlier[-1].name} (complete)"
+    else:
+        advice = "there is no complete checkpoint before it: --overwrite starts the run again"
+    return f"{checkpoint}: its {what} does not load ({type(err).__name__}: {err}); {advice}"
+
+
 class SieveTrainer(Trainer):
     """Saves and restores only the LoRA factors, never the frozen base weights.
 
@@ -76,6 +89,7 @@ class SieveTrainer(Trainer):
         base_model_id: str | None = None,
         keep_checkpoints: int | None = None,
         fused_ce: Any = None,
+        segments: SegmentClock | None = None,
         **kwargs: Any,
     ):
         if fused_ce is not None:  # training/fused_loss.py: the loss comes from the hidden states, not the logits
@@ -84,6 +98,9 @@ class SieveTrainer(Trainer):
         self.base_model_id = base_model_id
         self.keep_checkpoints = keep_checkpoints
         self.fused_ce = fused_ce
+        self.segments = segments
+        if segments is not None:
+            self.add_callback(segments)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.fused_ce is not None and model.training:
@@ -106,12 +123,21 @@ class SieveTrainer(Trainer):
         return prepared
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        path = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and (path.exists() or path.is_symlink()):
+            # Left by an earlier attempt (resume starts below it): written fresh, never through what is there.
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every process has written its part (e.g. rng_state_N.pth)
         if not self.args.should_save:
             return
         fault_point("checkpoint-before-marker")
-        path = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.segments is not None:
+            atomic_write_json(path / SEGMENTS_FILE, self.segments.segments(self.state))
         files = {
             str(p.relative_to(path)): p.stat().st_size
             for p in sorted(path.rglob("*"))
@@ -177,6 +203,17 @@ class SieveTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """A damaged optimizer.pt / scheduler.pt (same size, so the marker still matches) is one error naming the
+        checkpoint and the complete one before it, never a pickle traceback."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - torch.load/pickle raise many types for a damaged file
+            message = damaged_checkpoint_message(Path(str(checkpoint)), "optimizer/scheduler state", err)
+            raise ValueError(message) from err
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         load_factors(model or self._sieve_model(), os.path.join(resume_from_checkpoint, ADAPTER_WEIGHTS))
 
@@ -208,3 +245,53 @@ class ThroughputCallback(TrainerCallback):
         if now > then and seen > before:
             logs["tokens_per_s"] = round((seen - before) / (now - then), 1)
         self._last = (now, seen)
+
+
+class SegmentClock(TrainerCallback):
+    """Steps, wall time and tokens of each training segment (a first run, then every --resume).
+
+    Each checkpoint records the segments up to it (``moe_sieve_segments.json``), so a run resumed from that
+    checkpoint, even after a kill, adds its own segment to those before it: the metrics of a resumed run cover
+    the whole run, counting the work each checkpoint kept (not the steps a kill lost and the resume redid).
+    """
+
+    def __init__(self, resume_from: str | os.PathLike | None = None) -> None:
+        self.earlier: list[dict[str, Any]] = []
+        if resume_from is not None:
+            try:
+                self.earlier = json.loads((Path(resume_from) / SEGMENTS_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.earlier = []  # a checkpoint of an older version: its earlier time is unknown
+        self.started = time.perf_counter()
+        self.first: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        """Call right before ``trainer.train``: the segment's clock starts here, as its wall time does."""
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first = (state.global_step, int(state.num_input_tokens_seen))  # restored from the checkpoint
+
+    def current(self, state: Any, wall_time_s: float | None = None) -> dict[str, Any]:
+        step0, tokens0 = self.first or (0, 0)
+        wall = time.perf_counter() - self.started if wall_time_s is None else wall_time_s
+        return {
+            "steps": state.global_step - step0,
+            "wall_time_s": round(wall, 3),
+            "tokens_seen": int(state.num_input_tokens_seen) - tokens0,
+        }
+
+    def segments(self, state: Any, wall_time_s: float | None = None) -> list[dict[str, Any]]:
+        return [*self.earlier, self.current(state, wall_time_s)]
+
+    def totals(self, state: Any, wall_time_s: float) -> dict[str, Any]:
+        """``wall_time_s``, ``tokens_seen`` and ``tokens_per_s`` over every segment, and the segments."""
+        segments = self.segments(state, wall_time_s)
+        wall = sum(s["wall_time_s"] for s in segments)
+        tokens = sum(s["tokens_seen"] for s in segments)
+        return {
+            "wall_time_s": round(wall, 3),
+            "tokens_seen": tokens,
+            "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
+            "segments": segments,
+        }

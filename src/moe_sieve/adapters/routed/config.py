@@ -50,8 +50,8 @@ class RoutedAdapterConfig:
             raise ValueError(f"--adapter-type {self.adapter_type!r}: choose one of {', '.join(ADAPTER_TYPES)}")
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"--r must be a positive integer, got {self.r!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"--alpha must be > 0, got {self.alpha!r}")
+        if not 0 < self.alpha < float("inf"):  # also refuses NaN
+            raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}")
         if self.variant == "S":
