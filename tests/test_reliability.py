@@ -437,6 +437,12 @@ def test_checkpoints_are_written_fresh_never_through_a_planted_link(tiny_model_d
     checkpoints.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     with pytest.raises(UnsafePathError, match="checkpoints is a symbolic link"):
         train(_config(tiny_model_dir, rows, tmp_path / "linked", monitor_every=0), resume=True)
+    checkpoints.unlink()
+    (tmp_path / "elsewhere").rename(checkpoints)
+    (tmp_path / "linked" / "tensorboard").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="tensorboard is a symbolic link"):
+        train(_config(tiny_model_dir, rows, tmp_path / "linked", monitor_every=0), resume=True)
+    assert not list(outside.iterdir())
 
 
 def test_a_failed_lock_holder_leaves_no_trace(tmp_path):

@@ -477,10 +477,11 @@ def _train_locked(
             )
         selection = Selection.load(run_dir / "selection.json") if (run_dir / "selection.json").exists() else None
         return TrainResult(run_dir, metrics, selection, already_finished=True)
-    if checkpoints.is_symlink():
-        from .._io import UnsafePathError
+    for folder in (checkpoints, work / "tensorboard"):  # written into in place, not by rename
+        if folder.is_symlink():
+            from .._io import UnsafePathError
 
-        raise UnsafePathError(f"{checkpoints} is a symbolic link; moe-sieve writes checkpoints only into its own run")
+            raise UnsafePathError(f"{folder} is a symbolic link; moe-sieve writes into its own run directory only")
     if resume:
         found = last_complete_checkpoint(checkpoints, clean=state.is_main_process)
         if found is None:
