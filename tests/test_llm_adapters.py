@@ -175,7 +175,8 @@ EVAL_CASES = [
 
 
 class _Model(torch.nn.Module):
-    """No computation: generation is stubbed; ``generate_completions`` only toggles its training mode."""
+    """No computation: generation is stubbed (and the likelihood metrics are off); ``generate_completions`` only
+    toggles its training mode."""
 
 
 def _stub(monkeypatch, table: dict[str, str]) -> list[str]:
@@ -201,7 +202,9 @@ def test_accuracy_matches_llm_adapters_scoring(monkeypatch, tmp_path, dataset, t
     path = tmp_path / "test.json"
     path.write_text(json.dumps(rows, indent=4))  # the released layout: one JSON list
     seen = _stub(monkeypatch, {alpaca_prompt(r): g for r, g in zip(rows, generations, strict=True)})
-    result = evaluate(_Model(), byte_level_tokenizer(), f"{task}:{path}", batch_size=4, progress=False)
+    result = evaluate(
+        _Model(), byte_level_tokenizer(), f"{task}:{path}", batch_size=4, progress=False, likelihood=False
+    )
 
     ref = [_reference_correct(dataset, r, g) for r, g in zip(rows, generations, strict=True)]
     assert 0 < sum(ref) < len(rows)  # both outcomes occur, so the comparison can fail
@@ -235,7 +238,7 @@ def test_eval_data_errors_are_one_line(tmp_path):
         path = tmp_path / f"{task}.json"
         path.write_text(json.dumps(rows))
         with pytest.raises(ValueError, match=rf"{path}:0: {task} answer must be"):
-            evaluate(_Model(), byte_level_tokenizer(), f"{task}:{path}", progress=False)
+            evaluate(_Model(), byte_level_tokenizer(), f"{task}:{path}", progress=False, likelihood=False)
 
 
 def test_a_dataset_folder_evaluates_its_test_split(monkeypatch, tmp_path):
@@ -252,7 +255,9 @@ def test_a_dataset_folder_evaluates_its_test_split(monkeypatch, tmp_path):
     task, loaded = load_task_rows(f"commonsense-winogrande:{folder}")
     assert task == "commonsense-winogrande" and [r["answer"] for r in loaded] == [r["answer"] for r in rows]
     _stub(monkeypatch, {alpaca_prompt(r): "option1" for r in rows})
-    result = evaluate(_Model(), byte_level_tokenizer(), f"commonsense-winogrande:{folder}", progress=False)
+    result = evaluate(
+        _Model(), byte_level_tokenizer(), f"commonsense-winogrande:{folder}", progress=False, likelihood=False
+    )
     assert result.metadata["split"] == "test" and result.accuracy == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="--split train needs a hub task or a dataset directory"):
         load_task_rows(f"commonsense-winogrande:{folder / 'test.json'}", split="train")
