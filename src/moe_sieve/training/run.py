@@ -591,6 +591,7 @@ def _train_locked(
             },
         )
         atomic_write_json(work / "metrics.json", metrics)
+        trainer.write_model_card(work)
         if run.staged:  # the old run stays until the new one is complete
             swap_in(work, run_dir)
     state.wait_for_everyone()
