@@ -173,3 +173,15 @@ def test_train_runs_the_guard_and_stops_when_experts_are_bypassed(tiny_model_dir
     bad = small_train_config(tiny_model_dir, copy_digits_jsonl, tmp_path / "bad", max_steps=2, k=3)
     with pytest.raises(UntrainedExpertError, match=r"^moe-sieve expert guard, optimizer step 1: layer 0: .*'eager'"):
         train(bad, callbacks=[_BypassAdapters()])
+
+
+def test_overhead_benchmark_runs_and_reports_the_ratio(monkeypatch):
+    """The benchmark driver end to end at a tiny shape (its numbers here mean nothing; see docs/trl.md)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import guard_overhead
+
+    result = guard_overhead.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    assert 0 < result["guard_s"] < result["guarded_step_s"]
+    assert result["guard_share_of_step"] == pytest.approx(result["guard_s"] / result["guarded_step_s"])

@@ -203,3 +203,42 @@ def test_docs_example_runs_profile_select_sft_evaluate(tmp_path, monkeypatch):
     card = (out / "adapter" / "README.md").read_text()
     assert "| gsm8k | accuracy |" in card and "- optimizer steps: 2" in card
     assert "- mean coverage of the profiled routing:" in card and "n/a" not in card.split("## Selection")[1][:400]
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "deepseek_v3"])
+def test_sft_trainer_on_16_layer_families(family, tmp_path, byte_tokenizer, capsys):
+    from .conftest import build_tiny
+
+    model = build_tiny(family, layers=16)
+    sel = {layer.layer_id: [1, 4, 6] for layer in find_moe_layers(model)}
+    rows = [{"prompt": f"copy {a}:", "completion": f" {a}{a}{a}"} for a in range(8)]
+    trainer = SFTTrainer(
+        model=model,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=byte_tokenizer,
+        peft_config=moe_sieve.SieveConfig(selection=sel, r=4, lora_alpha=8, lora_dropout=0.0, seed=0),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "trl"),
+            max_steps=2,
+            per_device_train_batch_size=8,
+            learning_rate=1e-2,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+        ),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    native = build_tiny(family, layers=16)
+    state = apply_sieve_lora(native, sel, SieveLoraConfig(r=4, alpha=8, dropout=0.0, seed=0))
+    assert trainer.model.get_nb_trainable_parameters()[0] == state.trainable_params
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= trainable  # nothing frozen moved
+    # every factor moved but the A factors of experts whose B is still 0 (no tokens reached them in step 1)
+    assert all(".sieve_lora." in n and n.endswith("_A") for n in trainable - changed)
+    guard = trainer.model.base_model.guard
+    assert guard.checked == 2 and guard.verified and not guard.active
+    assert "expert guard checked 2 optimizer steps" in capsys.readouterr().err
