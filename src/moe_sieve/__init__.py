@@ -9,6 +9,9 @@ The recipe, one stage per module, each writing an artifact the next one reads::
     print(routing_stats(profile.counts_LE, profile.mass_LE, layer_ids=profile.layer_ids).to_json())
     selection = make_selection(profile.counts_LE, profile.mass_LE, k="25%", layer_ids=profile.layer_ids)
     selection.save("runs/selection.json")
+
+Fine-tuning then goes through PEFT (``get_peft_model(model, moe_sieve.SieveConfig(selection="runs/selection.json"))``,
+``PeftModel.from_pretrained``) or TRL (``SFTTrainer(..., peft_config=moe_sieve.SieveConfig(...))``); see docs/trl.md.
 """
 
 from ._version import __version__
@@ -25,8 +28,10 @@ __all__ = [
     "Profile",
     "ProfileConfig",
     "ProfileMismatchError",
+    "RoutedConfig",
     "RoutingStats",
     "Selection",
+    "SieveConfig",
     "UnsupportedModelError",
     "__version__",
     "find_moe_layers",
@@ -38,3 +43,19 @@ __all__ = [
     "run_profile",
     "subsample_stability",
 ]
+
+_PEFT_CONFIGS = ("SieveConfig", "RoutedConfig")
+
+
+def __getattr__(name: str):
+    """``SieveConfig``/``RoutedConfig`` import PEFT on first use, so ``import moe_sieve`` itself stays light."""
+    if name in _PEFT_CONFIGS:
+        from .adapters import peft_method
+
+        return getattr(peft_method, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+from ._peft_hook import install_hook as _install_peft_hook  # noqa: E402
+
+_install_peft_hook()  # PEFT learns the moe-sieve methods as soon as it is imported

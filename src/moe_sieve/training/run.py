@@ -669,6 +669,7 @@ def _train_locked(
             },
         )
         atomic_write_json(work / "metrics.json", metrics)
+        trainer.write_model_card(work)
         if run.staged:  # the old run stays until the new one is complete
             keep_foreign_files(run_dir, work, config)
             swap_in(work, run_dir)

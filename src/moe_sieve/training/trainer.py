@@ -90,6 +90,7 @@ class SieveTrainer(Trainer):
         keep_checkpoints: int | None = None,
         fused_ce: Any = None,
         segments: SegmentClock | None = None,
+        expert_guard_steps: int = 2,
         **kwargs: Any,
     ):
         if fused_ce is not None:  # training/fused_loss.py: the loss comes from the hidden states, not the logits
@@ -101,6 +102,31 @@ class SieveTrainer(Trainer):
         self.segments = segments
         if segments is not None:
             self.add_callback(segments)
+        self.expert_guard = self._install_expert_guard(expert_guard_steps)
+
+    def _install_expert_guard(self, steps: int) -> Any:
+        """The first ``steps`` optimizer steps check that every selected expert with tokens gets a gradient
+        (training/guard.py). Sieve LoRA only; FSDP2 shards the factors across processes, so it is skipped there."""
+        from ..adapters.attach import SieveState
+        from .guard import install_expert_guard
+
+        if steps <= 0 or not isinstance(getattr(self.model, "moe_sieve", None), SieveState):
+            return None
+        if self.args.fsdp:
+            if self.args.should_save:
+                print("moe-sieve: expert guard skipped under FSDP (the adapter factors are sharded)", file=sys.stderr)
+            return None
+        return install_expert_guard(self.model, steps)
+
+    def write_model_card(self, run_dir: str | os.PathLike) -> Path | None:
+        """``README.md`` in the run's ``adapter/`` directory, from the run's artifacts (adapters/card.py)."""
+        from ..adapters.card import write_run_card
+
+        try:
+            return write_run_card(run_dir)
+        except Exception as err:  # noqa: BLE001 - a finished run is never lost to its README
+            print(f"moe-sieve: model card not written ({type(err).__name__}: {err})", file=sys.stderr)
+            return None
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.fused_ce is not None and model.training:

@@ -57,6 +57,7 @@ class RoutedState:
     aux_count: int = 0
     aux_log: list[dict[str, float]] = field(default_factory=list)
     load_LN: torch.Tensor | None = field(default=None, repr=False)
+    disabled: bool = False  # PEFT's disable_adapter(): the hooks add nothing
 
     def params_by_group(self) -> dict[str, int]:
         totals = {"adapters": 0, "adapter_router": 0}
@@ -145,6 +146,8 @@ def _tap_base_routing(layer: MoELayer, spec: Any, sink) -> Any:
 
 def _block_hook(state: RoutedState, adapter: RoutedBlockAdapter):
     def hook(module, args, kwargs, output):
+        if state.disabled:
+            return output
         x = args[0] if args else kwargs["hidden_states"]
         x_TD = x.reshape(-1, x.shape[-1])
         mask_T = state.mask_T if state.mask_T is not None and state.mask_T.numel() == x_TD.shape[0] else None
@@ -156,8 +159,10 @@ def _block_hook(state: RoutedState, adapter: RoutedBlockAdapter):
     return hook
 
 
-def _expert_hook(bank: nn.Module, slot: int):
+def _expert_hook(bank: nn.Module, slot: int, state: RoutedState):
     def hook(module, args, output):
+        if state.disabled:
+            return output
         return output + bank.single(slot, args[0]).to(output.dtype)
 
     return hook
@@ -179,7 +184,7 @@ def _model_post_hook(state: RoutedState):
 
     def hook(module, args, kwargs, output):
         state.mask_T = None
-        if state.config.variant != "R" or not module.training:
+        if state.config.variant != "R" or not module.training or state.disabled:
             return output
         aux = state.aux_loss()
         if aux is None:
@@ -241,7 +246,7 @@ def apply_routed_adapters(
                     name = f"{layer.name}.routed_adapter"
                     for slot, expert_id in enumerate(adapter.selected_experts):
                         state.handles.append(
-                            layer.experts[expert_id].register_forward_hook(_expert_hook(adapter.bank, slot))
+                            layer.experts[expert_id].register_forward_hook(_expert_hook(adapter.bank, slot, state))
                         )
                 state.modules.append(RoutedModule("adapters", layer.layer_id, name, _count(adapter), list(ids)))
             else:
