@@ -47,6 +47,13 @@ def _batch(model, seed=0, batch=4, seq=24):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _lm_loss(model, batch):
+    """The causal-LM loss computed outside the model (the ModuleList fixture returns logits only)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+    labels = batch["labels"][:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(labels.numel(), -1), labels, ignore_index=-100)
+
+
 def _tokens_per_expert(model, batch):
     """Independent count: moe-sieve's profiler recorder over the batch, at positions with a supervised next token."""
     layers = find_moe_layers(model)
@@ -108,6 +115,32 @@ def test_guard_verifies_a_peft_model_in_a_plain_loop_and_catches_an_excluded_exp
     )
     assert "not in the optimizer" in str(err.value) and "\n" not in str(err.value)
     peft_model.base_model.guard.remove()
+
+
+def test_guard_on_modulelist_experts_counts_router_output_and_names_unselected_trainable_experts():
+    model = build_tiny("modulelist", layers=4)
+    layers = find_moe_layers(model)
+    sel = {layer.layer_id: [0, 2, 5] for layer in layers}
+    apply_sieve_lora(model, sel, SieveLoraConfig(r=4, alpha=8, dropout=0.0, seed=0))
+    batch = _batch(model)
+    tokens = _tokens_per_expert(model, batch)
+    guard = install_expert_guard(model, steps=1)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _lm_loss(model, batch).backward()
+    optimizer.step()
+    assert guard.verified == {(layer, e) for layer, ids in sel.items() for e in ids if tokens[layer][e] > 0}
+    assert guard.verified and not guard.active
+
+    guard = install_expert_guard(model, steps=1)
+    victim = layers[-1]
+    victim.experts[7].up_proj.weight.requires_grad_(True)  # an unselected expert left trainable
+    _lm_loss(model, batch).backward()
+    with pytest.raises(
+        UntrainedExpertError, match=rf"layer {victim.layer_id}: unselected experts \[7\] have trainable"
+    ):
+        optimizer.step()
+    guard.remove()
 
 
 def test_guard_names_a_frozen_adapter_and_a_trainable_unselected_expert():

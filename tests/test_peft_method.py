@@ -79,7 +79,9 @@ def _pair(name, seed=0, r=4, shift=0):
     """A PEFT model and an apply_sieve_lora model of the same base, selection and seed."""
     base = _base(name)
     sel = _selection(base, shift=shift)
-    peft_model = get_peft_model(base, SieveConfig(selection=sel, r=r, lora_alpha=2.0 * r, lora_dropout=0.0, seed=seed))
+    task = None if name.startswith("modulelist") else "CAUSAL_LM"  # the ModuleList fixture cannot generate
+    config = SieveConfig(selection=sel, r=r, lora_alpha=2.0 * r, lora_dropout=0.0, seed=seed, task_type=task)
+    peft_model = get_peft_model(base, config)
     native = _base(name)
     state = apply_sieve_lora(native, sel, SieveLoraConfig(r=r, alpha=2.0 * r, dropout=0.0, seed=seed))
     return peft_model, native, state, sel
@@ -112,7 +114,7 @@ def test_post_import_hook_runs_after_the_module_executes(tmp_path, monkeypatch):
     assert install_hook("json", lambda: seen.append("now")) is None and seen[-1] == "now"  # already imported
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, "modulelist:4"])
 def test_get_peft_model_attaches_what_apply_sieve_lora_attaches(name):
     peft_model, native, state, _ = _pair(name)
     ours = _peft_trainable(peft_model)
@@ -123,7 +125,8 @@ def test_get_peft_model_attaches_what_apply_sieve_lora_attaches(name):
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert trainable == state.trainable_params == sum(p.numel() for p in theirs.values())
     for layer in find_moe_layers(peft_model.get_base_model()):
-        assert layer.experts.config._experts_implementation == "sieve_lora"  # the same fused experts forward
+        if layer.layout.storage == "fused":
+            assert layer.experts.config._experts_implementation == "sieve_lora"  # the same fused experts forward
     _randomize(theirs)
     with torch.no_grad():
         for key, param in ours.items():
@@ -156,13 +159,19 @@ def test_from_pretrained_gives_identical_logits_and_keeps_the_selection(name, tm
     assert native == set(_peft_trainable(peft_model))  # moe-sieve's own adapter keys (see the test above)
     reloaded = PeftModel.from_pretrained(_base(name), tmp_path)
     assert isinstance(reloaded.peft_config["default"], SieveConfig)
+    import copy
+    import pickle
+
+    config = peft_model.peft_config["default"]
+    for clone in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):  # trainers copy and pickle configs
+        assert clone.to_dict() == config.to_dict()
     assert torch.equal(_logits(reloaded, ids), expected)
     assert not any(p.requires_grad for p in reloaded.parameters())  # inference by default, as PEFT does
     trainable = PeftModel.from_pretrained(_base(name), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == peft_model.get_nb_trainable_parameters()[0]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, "modulelist:4"])
 def test_merge_and_unload_gives_merge_sieve_lora_weights(name):
     peft_model, native, _, _ = _pair(name)
     theirs = trainable_parameters(native)

@@ -260,8 +260,7 @@ def write_peft_card(directory: str | os.PathLike, config: Any, context: dict[str
     import peft
 
     path = Path(directory) / CARD
-    header = _read_header(path)
-    header.pop("base_model", None) if not header.get("base_model") else None
+    header = {key: value for key, value in _read_header(path).items() if value}
     card = render_card(peft_card_data(config, context), header, [f"- PEFT {peft.__version__}"])
     with atomic_path(path) as tmp:
         Path(tmp).write_text(card, encoding="utf-8")

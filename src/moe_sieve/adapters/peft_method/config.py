@@ -173,6 +173,10 @@ class SieveConfig(PeftConfig):
     def experts_by_layer(self) -> dict[int, list[int]] | None:
         return None if self.selection is None else {int(layer): ids for layer, ids in self.selection.items()}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles without the tuner's card callback (set by ``get_peft_model``; not part of the config)."""
+        return {key: value for key, value in self.__dict__.items() if key != "_card_context"}
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """``adapter_config.json`` (PEFT's writer) and the model card ``README.md`` next to it."""
         super().save_pretrained(save_directory, **kwargs)
