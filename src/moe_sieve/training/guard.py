@@ -63,8 +63,10 @@ def sieve_groups(model: nn.Module, layers: Sequence[MoELayer] | None = None) -> 
         if layer.layout.storage == "fused":
             lora = getattr(layer.experts, "sieve_lora", None)
             current = lora.current() if hasattr(lora, "current") else lora
-            if isinstance(current, ExpertLoRA) and current.num_selected:
-                found.append(ExpertGroup(list(current.selected_experts), list(current.parameters()), True))
+            # a grown adapter (--reselect grow) holds its factors in parts, each over its own experts
+            for part in getattr(current, "parts", None) or [current]:
+                if isinstance(part, ExpertLoRA) and part.num_selected:
+                    found.append(ExpertGroup(list(part.selected_experts), list(part.parameters()), True))
         else:
             for expert_id, expert in enumerate(layer.experts):
                 params = []
