@@ -13,6 +13,8 @@ Conditions, all with r=32, alpha=64 and the same seeded random base weights (reb
   peft-all     HF PEFT LoRA on attention + all experts (target_parameters on gate_up_proj/down_proj)
   routed-S/D/R/E, routed-E-hot   Routed-PEFT adapters only (lora type, N=4, K=2; E inside the grouped experts)
   <condition>+compile   the same with every decoder layer under torch.compile(fullgraph=True) (needs --warmup >= 1)
+  <condition>+loop      the same with the grouped GEMMs as a Python loop of per-expert mm (the CPU path before
+                        torch's one-op CPU grouped_mm was used), to measure the two side by side
 Each step is forward + backward + AdamW (CUDA-synchronised). Conditions run one after the other in this
 process; the script prints median step time, tokens/s, MFU, peak memory (CUDA) and the memory predicted
 from shapes (parameters + grads + AdamW states, and the sieve experts' saved activations), plus the
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 from _shapes import PRESETS, build_model, step_flops
 
+import moe_sieve.adapters.experts as experts_mod
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
 from moe_sieve.adapters.experts import (
     SIEVE_EXPERTS_IMPLEMENTATION,
@@ -183,15 +186,31 @@ def profile_table(step, steps: int, device: torch.device) -> tuple[list[tuple[st
     return cats, [(op, ms, 100 * ms / total, categorise(op)) for op, ms in top]
 
 
+@contextlib.contextmanager
+def mm_loop_only():
+    """Force the per-expert ``mm`` loop in every grouped GEMM (what ``+loop`` measures)."""
+    previous = experts_mod._can_use_native_grouped_mm
+    experts_mod._can_use_native_grouped_mm = lambda *args: False
+    try:
+        yield
+    finally:
+        experts_mod._can_use_native_grouped_mm = previous
+
+
 def run_condition(args, condition: str, hot, counts_LE, input_ids, device, dtype) -> dict:
     compiled = condition.endswith("+compile")
-    with compile_config() if compiled else contextlib.nullcontext():
+    looped = condition.endswith("+loop")
+    with contextlib.ExitStack() as stack:
+        if compiled:
+            stack.enter_context(compile_config())
+        if looped:
+            stack.enter_context(mm_loop_only())
         return _run_condition(args, condition, hot, counts_LE, input_ids, device, dtype, compiled)
 
 
 def _run_condition(args, condition: str, hot, counts_LE, input_ids, device, dtype, compiled: bool) -> dict:
     model = build_model(args.preset, input_ids.shape[1], args.base_backend, device=device, dtype=dtype)
-    model = attach(condition.removesuffix("+compile"), model, hot, args.r, args.alpha)
+    model = attach(condition.removesuffix("+compile").removesuffix("+loop"), model, hot, args.r, args.alpha)
     if compiled:
         for layer in model.get_decoder().layers:
             layer.compile(fullgraph=True)

@@ -26,7 +26,7 @@ def test_lora_step_tables_and_memory_prediction(benchmarks, tmp_path: Path) -> N
     lora_step, _ = benchmarks
     md, js = tmp_path / "step.md", tmp_path / "step.json"
     argv = shlex.split(
-        "--preset tiny --device cpu --steps 1 --warmup 0 --seq-len 16 --conditions floor-sieve,sieve-hot"
+        "--preset tiny --device cpu --steps 1 --warmup 0 --seq-len 16 --conditions floor-sieve,sieve-hot,sieve-hot+loop"
     )
     argv += ["--profile", "sieve-hot", "--markdown", str(md), "--json", str(js)]
     results = {r["condition"]: r for r in lora_step.main(argv)}
@@ -40,6 +40,8 @@ def test_lora_step_tables_and_memory_prediction(benchmarks, tmp_path: Path) -> N
     measured = hot["saved_act_bytes_meas"] - floor["saved_act_bytes_meas"]
     predicted = hot["experts_act_bytes_pred"] - floor["experts_act_bytes_pred"]
     assert predicted > 0 and abs(measured - predicted) <= 0.05 * predicted
+    # CPU's one-op grouped GEMM keeps exactly what the per-expert loop kept for the backward
+    assert results["sieve-hot+loop"]["saved_act_bytes_meas"] == hot["saved_act_bytes_meas"]
     text = md.read_text()
     assert "| floor-sieve | sieve_lora |" in text and "| sieve-hot | sieve_lora |" in text
     assert "CPU self time of one `sieve-hot` step" in text and "| GEMM |" in text
