@@ -413,6 +413,9 @@ def export_peft_adapter(
         inner = peft_model.base_model.model
         _check_config_kept(peft_config, intended, _wrapped_targets(inner))
         peft_config.base_model_name_or_path = base_model
+        for attr in ("target_modules", "target_parameters"):  # PEFT keeps sets: save them in one order
+            if isinstance(getattr(peft_config, attr), set):
+                setattr(peft_config, attr, sorted(getattr(peft_config, attr)))
         with torch.no_grad():
             for name, linear in plan.linears.items():
                 layer = _lora_layer(inner.get_submodule(name), name)
