@@ -212,7 +212,7 @@ def test_routing_stats_report():
     }  # fmt: skip
     assert expected_keys <= set(report)
     assert [row["layer"] for row in report["layers"]] == [3, 7]
-    assert report["layers"][0]["tokens"] == 8
+    assert report["layers"][0]["routed"] == 8  # routed assignments (tokens x top-k)
     assert report["layers"][0]["cv"] == pytest.approx(math.sqrt(6) / 2)
     assert report["layers"][0]["cold_fraction"] == 0.5
     assert [row["coverage"] for row in report["layers"]] == [0.75, 0.25]

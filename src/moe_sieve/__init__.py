@@ -17,6 +17,7 @@ Fine-tuning then goes through PEFT (``get_peft_model(model, moe_sieve.SieveConfi
 from ._version import __version__
 from .arch import ArchSpec, MoELayer, UnsupportedModelError, find_moe_layers, register_arch
 from .data.tasks import Example, load_examples
+from .modeling import default_model_path
 from .profiling import Profile, ProfileConfig, ProfileMismatchError, profile_model, run_profile
 from .selection import Selection, make_selection
 from .stats import RoutingStats, routing_stats, subsample_stability
@@ -34,6 +35,7 @@ __all__ = [
     "SieveConfig",
     "UnsupportedModelError",
     "__version__",
+    "default_model_path",
     "find_moe_layers",
     "load_examples",
     "make_selection",

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import io
+import shutil
+
+from rich.console import Console
 from rich.table import Table
 
 
+class TextTable(Table):
+    """A rich ``Table`` that ``print()`` and ``str()`` render as text, as the README's ``print(state.table())`` does;
+    ``rich.print``/``Console.print`` still draw it with colour."""
+
+    def __str__(self) -> str:
+        width = max(shutil.get_terminal_size((120, 24)).columns, 80)
+        console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+        console.print(self)
+        return console.file.getvalue().rstrip("\n")
+
+
 def stats_table(report: dict) -> Table:
+    """Per-layer rows of ``stats``; "routed" is tokens x top-k (each token goes to top-k experts), while the
+    caption gives the counted tokens as ``profile`` reports them."""
     table = Table(title=f"Routing statistics (k = {report['k']})")
     for column in (
         "layer",
-        "tokens",
+        "routed (tokens x top-k)",
         "CV",
         "cold %",
         f"cov@{report['k']} %",
@@ -21,13 +38,16 @@ def stats_table(report: dict) -> Table:
         cmj = row.get("count_mass_jaccard")
         table.add_row(
             str(row["layer"]),
-            f"{row['tokens']:,}",
+            f"{row['routed']:,}",
             f"{row['cv']:.3f}",
             f"{100 * row['cold_fraction']:.1f}",
             f"{100 * row['coverage']:.1f}",
             f"{row['entropy']:.3f}",
             "-" if cmj is None else f"{cmj:.3f}",
         )
+    tokens = (report.get("profile") or {}).get("tokens")
+    if tokens is not None:
+        table.caption = f"{tokens:,} counted tokens (as profile reports them), each routed to top-k experts per layer"
     return table
 
 

@@ -283,7 +283,7 @@ class RoutingStats:
     num_experts: int
     k: int
     k_requested: str
-    tokens_L: np.ndarray
+    routed_L: np.ndarray  # routed (token, expert) assignments per layer: tokens x top-k, not tokens
     cv_L: np.ndarray
     cold_fraction_L: np.ndarray
     coverage_L: np.ndarray
@@ -305,7 +305,7 @@ class RoutingStats:
         for i, layer in enumerate(self.layer_ids):
             row: dict[str, Any] = {
                 "layer": int(layer),
-                "tokens": _py_number(self.tokens_L[i]),
+                "routed": _py_number(self.routed_L[i]),
                 "cv": float(self.cv_L[i]),
                 "cold_fraction": float(self.cold_fraction_L[i]),
                 "coverage": float(self.coverage_L[i]),
@@ -358,7 +358,7 @@ def routing_stats(
         num_experts=num_experts,
         k=k_int,
         k_requested=str(k),
-        tokens_L=counts_LE.sum(axis=1),
+        routed_L=counts_LE.sum(axis=1),
         cv_L=layer_cv(counts_LE),
         cold_fraction_L=cold_fraction(counts_LE),
         coverage_L=coverage_at_k(counts_LE, k_int),

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..arch import ArchSpec, MoELayer, MoEShape, UnsupportedModelError, config_fingerprint, find_moe_layers, get_arch
 from ..profiling.artifact import ProfileMismatchError
+from ..reporting import TextTable
 from .config import SieveLoraConfig
 from .experts import ExpertLoRA, register_sieve_experts_implementation, use_sieve_experts
 from .lora import LoraLinear, LoraWeightDelta
@@ -79,8 +79,10 @@ class SieveState:
     def trainable_params(self) -> int:
         return sum(module.params for module in self.modules)
 
-    def table(self) -> Table:
-        table = Table(title=f"Sieve LoRA (r={self.config.r}, alpha={self.config.alpha}, experts={self.config.experts})")
+    def table(self) -> TextTable:
+        """Trainable parameters per layer and group; ``print(state.table())`` prints it as text."""
+        cfg = self.config
+        table = TextTable(title=f"Sieve LoRA (r={cfg.r}, alpha={cfg.alpha}, experts={cfg.experts})")
         for column in ("layer", "attention", "router", "shared", "adapted experts", "expert params"):
             table.add_column(column, justify="right")
         table.add_column("not adapted (why)", justify="left")
@@ -112,6 +114,9 @@ class SieveState:
         if unplaced:
             table.caption += "\nnot adapted: " + "; ".join(unplaced)
         return table
+
+    def __str__(self) -> str:
+        return str(self.table())
 
 
 def resolve_experts(layers: Sequence[MoELayer], selection: Any, mode: str) -> dict[int, list[int]]:

@@ -94,10 +94,11 @@ class RoutedState:
         }
 
     def table(self):
-        from rich.table import Table
+        """Trainable parameters per module; ``print(state.table())`` prints it as text."""
+        from ...reporting import TextTable
 
         cfg = self.config
-        table = Table(
+        table = TextTable(
             title=f"Routed-PEFT {cfg.variant} ({cfg.adapter_type}, r={cfg.r}, N={cfg.num_adapters}, K={cfg.top_k})"
         )
         for column in ("layer", "module", "adapted experts", "params"):
@@ -106,6 +107,9 @@ class RoutedState:
             table.add_row(str(m.layer), m.name, str(len(m.experts)) if m.experts else "-", f"{m.params:,}")
         table.caption = f"trainable {self.trainable_params:,}"
         return table
+
+    def __str__(self) -> str:
+        return str(self.table())
 
 
 def _renormalizes(layer: MoELayer, spec: Any, hidden_size: int) -> bool:
