@@ -1,4 +1,4 @@
-"""Routing skew of the embedded default model on each mini task (the README's table).
+"""Routing skew of the embedded default model on each mini task (the table in docs/recipe.md).
 
 python benchmarks/default_model_routing.py [--examples 200]
 """

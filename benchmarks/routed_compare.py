@@ -35,7 +35,7 @@ CONDITIONS = {
     "routed E (hot-25%)": {"method": "routed", "variant": "E", "strategy": "topk", "k": "25%"},
 }
 # Per-condition learning rate (AdamW peak, 5% warmup, linear decay) at r=16, batch 8, 200-400 steps: the best of
-# --sweep-lr 1e-3 3e-3 5e-3 1e-2 3e-2 on this task (seed 0, README "Routed adapters: learning rate"). Every condition
+# --sweep-lr 1e-3 3e-3 5e-3 1e-2 3e-2 on this task (seed 0, docs/study.md, "Learning rate"). Every condition
 # diverges at 3e-2; D (four summed adapters) already at 1e-2; S gains at 5e-3, E (routing-weight scaled) at 1e-2.
 LEARNING_RATES = {
     "attention-only LoRA": 3e-3,

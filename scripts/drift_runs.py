@@ -1,4 +1,4 @@
-"""Measured routing-drift runs on the embedded model (README "Routing drift during training").
+"""Measured routing-drift runs on the embedded model (docs/training.md "Routing drift during training").
 
 Trains the demo's hot-25% recipe on the arithmetic mini task three times: router LoRA (the paper) with the
 drift monitor, router frozen with the monitor, and router LoRA with the monitor off (for its overhead);

@@ -2,7 +2,7 @@
 # Issue 12's GPU measurement in one command: lora_step conditions side by side (step time, tokens/s, MFU,
 # peak memory against the memory predicted from shapes), a torch.profiler table of the floor and sieve-hot
 # steps by op category, and the routing-profiling overhead, on the OLMoE-1B-7B shape and a 16-layer
-# Qwen3-30B-A3B-shaped stack (bf16, 8 x 512 tokens, r=32). Markdown tables land in $OUT for the README.
+# Qwen3-30B-A3B-shaped stack (bf16, 8 x 512 tokens, r=32). Markdown tables land in $OUT for docs/benchmarks.md.
 #
 #   OUT=/tmp/gpu-speed scripts/gpu_speed.sh                      # one H100/H200 (about 10-15 min)
 #   PRESETS=olmoe-1b-7b scripts/gpu_speed.sh                     # one shape only (stay under a 10-min limit)

@@ -1,4 +1,4 @@
-"""Our GSM8K/HellaSwag accuracies against lm-evaluation-harness's on the same rows (README "Evaluation parity").
+"""Our GSM8K/HellaSwag accuracies against lm-evaluation-harness's on the same rows (docs/evaluation.md "Evaluation parity").
 
     python scripts/lm_eval_parity.py                         # the embedded model, every small mini-task row
     python scripts/lm_eval_parity.py --adapter runs/x/adapter  # a sieve adapter, merged with `moe-sieve merge`

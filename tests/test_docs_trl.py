@@ -1,4 +1,4 @@
-"""Every Python block of docs/trl.md runs, except those marked ``<!-- not run: ... -->`` (GPU, Hub, axolotl)."""
+"""Every Python block of docs/trl.md runs, except those marked ``<!-- needs: ... -->`` (GPU, Hub, axolotl)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("peft")
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "trl.md"
-BLOCK = re.compile(r"(<!-- not run:[^>]*-->\n)?```python\n(.*?)```", re.S)
+BLOCK = re.compile(r"(<!-- needs:[^>]*-->\n)?```python\n(.*?)```", re.S)
 
 
 def _blocks() -> list[tuple[bool, str]]:

@@ -377,7 +377,7 @@ def test_sweep_enumerates_the_known_families():
 
 
 # Run by default: one family per mechanism not covered above (a full sweep takes ~20 min on a loaded 2-core
-# box); MOE_SIEVE_FAMILY_SWEEP=all runs every family (the outcomes are listed in README "Supported models").
+# box); MOE_SIEVE_FAMILY_SWEEP=all runs every family (the outcomes are listed in docs/models.md).
 DEFAULT_SWEEP = {"deepseek_v4", "granitemoehybrid", "jetmoe", "qwen3_next", "zaya"}
 FULL_SWEEP = os.environ.get("MOE_SIEVE_FAMILY_SWEEP") == "all"
 

@@ -310,7 +310,7 @@ def test_routed_mini_preset_is_the_comparison_design():
     assert routed["routed-R4k2"][:3] == ("R", 4, 2)
     assert routed["routed-E"][::3] == ("E", "full") and routed["routed-E-hot-25"][::3] == ("E", "topk")
     assert t["routed-E-hot-25"]["k"] == "25%"
-    # sieve conditions keep mini.yaml's rate; routed ones the per-variant rates of the README's measured sweep
+    # sieve conditions keep mini.yaml's rate; routed ones the per-variant rates of the measured sweep (docs/study.md)
     assert {t[c].get("learning_rate", mini.train["learning_rate"]) for c in ("attention-only", "hot-25", "full")} == {
         mini.train["learning_rate"]
     }

@@ -1,6 +1,6 @@
 """A tiny random-weight OLMoE with a byte-level tokenizer, built locally in seconds.
 
-It stands in for a real checkpoint wherever no hub is reachable (CI, the README's first command), and
+It stands in for a real checkpoint wherever no hub is reachable (CI, architecture tests), and
 it goes through the real loading path: it is written with ``save_pretrained`` and read back with
 ``from_pretrained``.
 """

@@ -40,7 +40,7 @@ DEFAULT_SIZES: dict[str, int] = {
     "hellaswag_test": 200,
     "corpus_train_docs": 34000,
     "corpus_validation_docs": 0,  # 0: 2% of corpus_train_docs
-    "facts_n": 400,  # facts/: made-up facts (train x2 templates, test recall, paraphrase); sized in the README
+    "facts_n": 400,  # facts/: made-up facts (train x2 templates, test recall, paraphrase); sized in docs/study.md
 }
 SMALL_SIZES: dict[str, int] = {
     "arith_train": 40,
