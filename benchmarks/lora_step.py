@@ -13,7 +13,7 @@ Conditions, all with r=32, alpha=64 and the same seeded random base weights (reb
   peft-all     HF PEFT LoRA on attention + all experts (target_parameters on gate_up_proj/down_proj)
   routed-S/D/R/E, routed-E-hot   Routed-PEFT adapters only (lora type, N=4, K=2; E inside the grouped experts)
   <condition>+compile   the same with every decoder layer under torch.compile(fullgraph=True) (needs --warmup >= 1)
-  <condition>+loop      the same with the grouped GEMMs as a Python loop of per-expert mm (the CPU path before
+  <condition>+loop      the same with CPU grouped GEMMs as a Python loop of per-expert mm (the CPU path before
                         torch's one-op CPU grouped_mm was used), to measure the two side by side
 Each step is forward + backward + AdamW (CUDA-synchronised). Conditions run one after the other in this
 process; the script prints median step time, tokens/s, MFU, peak memory (CUDA) and the memory predicted
@@ -189,12 +189,12 @@ def profile_table(step, steps: int, device: torch.device) -> tuple[list[tuple[st
 @contextlib.contextmanager
 def mm_loop_only():
     """Force the per-expert ``mm`` loop in every grouped GEMM (what ``+loop`` measures)."""
-    previous = experts_mod._can_use_native_grouped_mm
-    experts_mod._can_use_native_grouped_mm = lambda *args: False
+    previous = experts_mod._cpu_native_grouped_mm_ok
+    experts_mod._cpu_native_grouped_mm_ok = lambda *args: False
     try:
         yield
     finally:
-        experts_mod._can_use_native_grouped_mm = previous
+        experts_mod._cpu_native_grouped_mm_ok = previous
 
 
 def run_condition(args, condition: str, hot, counts_LE, input_ids, device, dtype) -> dict:

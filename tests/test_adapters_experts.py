@@ -410,23 +410,34 @@ def test_grouped_mm_helper(sizes: list[int]) -> None:
         _assert_close(got, want)
 
 
+def _loop_only(x, w, offsets):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experts_mod, "_cpu_native_grouped_mm_ok", lambda *args: False)
+        return grouped_mm(x, w, offsets)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_native_grouped_mm_is_the_loop_bit_for_bit(dtype: torch.dtype) -> None:
-    """CPU takes torch's one-op grouped GEMM where it covers every row; it must equal the mm loop exactly."""
+@pytest.mark.parametrize("out_dim", [8, 2], ids=["aligned", "r2"])
+def test_cpu_native_grouped_mm_is_the_loop_bit_for_bit(dtype: torch.dtype, out_dim: int) -> None:
+    """CPU runs torch's one-op grouped GEMM where rows are aligned and covered: equal to the mm loop bit for bit,
+    forward and backward, and any operand it cannot take (a rank-2 LoRA factor: 8-byte rows) takes the loop."""
     if not experts_mod._cpu_grouped_mm_available():
         pytest.skip("this torch has no CPU grouped_mm kernel")
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(40, 16, generator=gen).to(dtype).requires_grad_()
-    w = torch.randn(4, 16, 8, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(4, 16, out_dim, generator=gen).to(dtype).requires_grad_()
     offsets = torch.tensor([7, 7, 25, 40], dtype=torch.int32)
-    assert experts_mod._can_use_native_grouped_mm(x, w, offsets)
-    out, loop = grouped_mm(x, w, offsets), experts_mod._grouped_mm_loop(x, w, offsets)
+    aligned = (out_dim * x.element_size()) % 16 == 0
+    assert experts_mod._cpu_native_grouped_mm_ok(x, w, offsets) == aligned
+    out, loop = grouped_mm(x, w, offsets), _loop_only(x, w, offsets)
     assert torch.equal(out, loop)
     grad = torch.randn(out.shape, generator=gen).to(dtype)
     for got, want in zip(torch.autograd.grad(out, [x, w], grad), torch.autograd.grad(loop, [x, w], grad), strict=True):
         assert torch.equal(got, want)
+    grouped_mm(x, w, offsets).sum().backward()  # an expanded (stride-0) output gradient
+    assert x.grad is not None and w.grad is not None
     short = torch.tensor([7, 7, 25, 38], dtype=torch.int32)  # two rows past the end: only the loop zeroes them
-    assert not experts_mod._can_use_native_grouped_mm(x, w, short)
+    assert not experts_mod._cpu_native_grouped_mm_ok(x, w, short)
     assert not grouped_mm(x, w, short)[38:].any()
 
 

@@ -62,30 +62,29 @@ def _cpu_grouped_mm_available() -> bool:
     return True
 
 
-def _can_use_native_cpu_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets_G: torch.Tensor) -> bool:
-    """On CPU the native op is the same per-group ``mm`` as the loop (bitwise equal), run as one op.
+def _cpu_native_grouped_mm_ok(x_S: torch.Tensor, w_GIO: torch.Tensor, offsets_G: torch.Tensor) -> bool:
+    """CPU's native op is the same per-group ``mm`` as the loop (bitwise equal), run as one op.
 
-    One op instead of one ``mm`` per expert from Python: less dispatch, and the profiler sees one node. It
-    leaves rows past the last offset uninitialised, so it is used only when the groups cover every row.
+    It needs 16-byte aligned rows of ``x``, ``w`` and the output, and it leaves rows past the last offset
+    uninitialised, so it is taken only when those hold and the groups cover every row; each call (forward or
+    backward) checks its own operands.
     """
-    if torch.compiler.is_compiling() or not _cpu_grouped_mm_available():
+    if x_S.device.type != "cpu" or w_GIO.dtype not in _NATIVE_DTYPES or not _cpu_grouped_mm_available():
         return False
-    if not (_native_strides_ok(x) and _native_strides_ok(w)):
+    if (w_GIO.shape[-1] * w_GIO.element_size()) % 16:
         return False
-    return offsets_G.numel() > 0 and int(offsets_G[-1]) == x.shape[0]
+    if not (_native_strides_ok(x_S) and _native_strides_ok(w_GIO)):
+        return False
+    return offsets_G.numel() > 0 and int(offsets_G[-1]) == x_S.shape[0]
 
 
-def _can_use_native_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets_G: torch.Tensor) -> bool:
-    """Native grouped GEMM with half/float dtypes (there is no float64 kernel).
+def _can_use_native_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Native grouped GEMM (with its own autograd) only on CUDA with half/float dtypes.
 
-    Under ``torch.compile`` inductor lowers the native op for bf16 on CUDA only (as in transformers' own
-    check); CPU uses it eagerly where it is exact.
+    Under ``torch.compile`` inductor lowers the native op for bf16 only (as in transformers' own check). CPU goes
+    through the custom op, which runs torch's CPU kernel inside where that is exact.
     """
-    if w.dtype not in _NATIVE_DTYPES:
-        return False
-    if w.device.type == "cpu":
-        return _can_use_native_cpu_grouped_mm(x, w, offsets_G)
-    if w.device.type != "cuda":
+    if w.device.type != "cuda" or w.dtype not in _NATIVE_DTYPES:
         return False
     if torch.compiler.is_compiling() and w.dtype != torch.bfloat16:
         return False
@@ -102,6 +101,8 @@ def _can_use_native_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets_G: torc
 # (its ``offsets.tolist()`` would otherwise be a data-dependent graph break), as transformers does.
 @torch.library.custom_op("moe_sieve::grouped_mm_loop", mutates_args=())
 def _grouped_mm_loop(x_S: torch.Tensor, w_GIO: torch.Tensor, offsets_G: torch.Tensor) -> torch.Tensor:
+    if _cpu_native_grouped_mm_ok(x_S, w_GIO, offsets_G):
+        return F.grouped_mm(x_S, w_GIO, offs=offsets_G.to(torch.int32))
     out = x_S.new_zeros(x_S.shape[0], w_GIO.shape[-1])
     start = 0
     for g, end in enumerate(offsets_G.tolist()):  # one host sync
@@ -156,13 +157,13 @@ def grouped_mm(x_S: torch.Tensor, w_GIO: torch.Tensor, offsets_G: torch.Tensor) 
     """Row-grouped ``x @ w[g]``: rows ``[offsets[g-1], offsets[g])`` use ``w[g]``.
 
     ``x_S`` is [S, in] (cast to ``w``'s dtype), ``w_GIO`` [G, in, out], ``offsets_G`` int32 cumulative ends.
-    Uses ``torch.nn.functional.grouped_mm`` where a kernel exists (on CUDA rows past the end are then left
-    uninitialised; CPU takes it only when no row is past the end), else a custom op looping over ``mm``s
-    (rows past the end are 0) that skips the weight gradient of frozen weights and stays one node under
-    ``torch.compile``.
+    Uses ``torch.nn.functional.grouped_mm`` on CUDA (rows past the end are then left uninitialised), else a
+    custom op (rows past the end are 0) that skips the weight gradient of frozen weights and stays one node under
+    ``torch.compile``; on CPU it runs torch's one-op kernel where rows are aligned and covered, else a loop of
+    ``mm``s.
     """
     x_S = x_S.to(w_GIO.dtype)
-    if _can_use_native_grouped_mm(x_S, w_GIO, offsets_G):
+    if _can_use_native_grouped_mm(x_S, w_GIO):
         offsets_G = offsets_G.to(torch.int32)
         if hasattr(F, "grouped_mm"):
             return F.grouped_mm(x_S, w_GIO, offs=offsets_G)
