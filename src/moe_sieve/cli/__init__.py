@@ -82,9 +82,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """moe-sieve's own warnings are one ``Warning:`` line, like its errors; others keep Python's format."""
+    from ..adapters.export import TokenizerNotSavedWarning
     from ..profiling.artifact import OtherModelWarning
 
-    if issubclass(category, OtherModelWarning):
+    if issubclass(category, (OtherModelWarning, TokenizerNotSavedWarning)):
         err_console.print("[bold yellow]Warning:[/] ", end="")
         err_console.print(" ".join(str(message).split()), markup=False, highlight=False)
     else:

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import DEFAULT_MODEL, JsonOpt, KOpt, ModelOpt, console, err_console, fail
+from ..adapters.export import export_formats_help
+from .common import DEFAULT_MODEL, JsonOpt, KOpt, ModelOpt, console, fail
 
 
 def _gb(n_bytes: int) -> str:
@@ -125,20 +126,6 @@ def attach(
     console.print(state.table())
 
 
-def _load_adapted(adapter: Path, model: str | None, trust_remote_code: bool, dtype: str = "auto"):
-    """The base model named by ``--model`` or by the adapter, on CPU, with the adapter loaded."""
-    from ..adapters import load_sieve_adapter, read_adapter_config
-    from ..modeling import ModelSpec, load_model
-
-    base = model or read_adapter_config(adapter)["base_model"]["id"]
-    if not base:
-        fail(f"{adapter}: the adapter names no base model; pass --model")
-    spec = ModelSpec(model=base, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
-    net = load_model(spec)
-    load_sieve_adapter(net, adapter)
-    return net, spec
-
-
 def merge(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (adapter.safetensors + adapter_config.json).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged checkpoint.")],
@@ -150,28 +137,10 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Fold the adapter into the base weights and write a plain transformers checkpoint."""
-    from .._io import atomic_dir, ensure_writable
-    from ..adapters import merge_sieve_lora
-    from ..modeling import TokenizerMissingError, load_tokenizer
+    from ..adapters import merge_adapter
 
-    ensure_writable(out, overwrite, directory=True)
-    with atomic_dir(out, overwrite) as tmp:
-        merged, spec = _load_adapted(adapter, model, trust_remote_code, dtype)
-        merge_sieve_lora(merged).save_pretrained(tmp)
-        try:
-            load_tokenizer(spec).save_pretrained(tmp)
-        except TokenizerMissingError as err:
-            # The merged weights are still the result asked for; a degenerate tokenizer is never copied.
-            err_console.print(
-                f"[bold yellow]Warning:[/] {err}. The merged checkpoint in {out} has NO tokenizer: copy the "
-                "base model's tokenizer there before using it.",
-                markup=True,
-            )
+    merge_adapter(adapter, out, model=model, dtype=dtype, trust_remote_code=trust_remote_code, overwrite=overwrite)
     console.print(f"[green]merged checkpoint written[/] to {out} (loads with AutoModelForCausalLM.from_pretrained)")
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.suffix == ".safetensors")
 
 
 def _size(n_bytes: int) -> str:
@@ -184,15 +153,7 @@ def _size(n_bytes: int) -> str:
 def export_command(
     adapter: Annotated[Path, typer.Argument(help="moe-sieve adapter directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
-    format: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            "-f",
-            help="peft (PeftModel.from_pretrained), vllm or sglang (per-expert LoRA the engine loads, "
-            "unselected experts zero-filled), merged (plain transformers checkpoint).",
-        ),
-    ] = "peft",
+    format: Annotated[str, typer.Option("--format", "-f", help=export_formats_help())] = "peft",
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Base model (default: the one named in the adapter).")
     ] = None,
@@ -200,38 +161,23 @@ def export_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Write the adapter where it will be used: PEFT, vLLM, SGLang or a merged checkpoint."""
-    from .._io import ensure_writable
-    from ..adapters import export_peft_adapter
+    from ..adapters import export_adapter
+    from ..adapters.export import safetensors_bytes
     from ..adapters.io import UnsupportedExportError
-    from ..adapters.serving import SERVING_ENGINES, export_serving_adapter
 
-    formats = ("peft", *SERVING_ENGINES, "merged")
-    if format not in formats:
-        fail(f"--format {format!r}: choose one of {', '.join(formats)}")
-    if format == "merged":
-        merge(adapter, out, model=model, dtype="auto", trust_remote_code=trust_remote_code, overwrite=overwrite)
-        return
-    ensure_writable(out, overwrite, directory=True)
-    net, spec = _load_adapted(adapter, model, trust_remote_code)
-    sieve_bytes = _dir_bytes(adapter)
     try:
-        if format == "peft":
-            export_peft_adapter(net, out, base_model=spec.model, overwrite=overwrite)
-        else:
-            result = export_serving_adapter(net, out, engine=format, base_model=spec.model, overwrite=overwrite)
+        result = export_adapter(
+            adapter, format, out, model=model, trust_remote_code=trust_remote_code, overwrite=overwrite
+        )
     except UnsupportedExportError as err:
         fail(f"{adapter}: --format {format}: {err}")
-    if format == "peft":
-        console.print(f"[green]PEFT adapter written[/] to {out} (PeftModel.from_pretrained(base, '{out}'))")
-    else:
+    console.print(f"[green]{result.what} written[/] to {out}{result.note}")
+    if result.source_bytes is not None:
+        exported = safetensors_bytes(out)
         console.print(
-            f"[green]{format} LoRA adapter written[/] to {out}: rank {result.rank}, {result.tensors} tensors, "
-            f"{result.zero_filled_experts} unselected experts zero-filled"
+            f"size: {_size(exported)} exported vs {_size(result.source_bytes)} for the sieve adapter "
+            f"({exported / max(result.source_bytes, 1):.1f}x)"
         )
-    console.print(
-        f"size: {_size(_dir_bytes(out))} exported vs {_size(sieve_bytes)} for the sieve adapter "
-        f"({_dir_bytes(out) / max(sieve_bytes, 1):.1f}x)"
-    )
 
 
 def export_peft(
