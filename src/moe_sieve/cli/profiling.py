@@ -98,8 +98,8 @@ def stats(
     """Routing skew of a profile: per-layer CV, cold experts, coverage, entropy; global CV and ratio. On a
     profile set (`profile --data a,b,c`): per-dataset rows, the cross-dataset Jaccard matrix and Table 2."""
     from ..profiling import Profile
-    from ..profiling.profile_set import is_profile_set
-    from ..stats import check_k, check_trials, routing_stats, subsample_stability
+    from ..profiling.profile_set import is_profile_set, profile_stats
+    from ..stats import check_k, check_trials
 
     check_k(k)
     check_trials(stability_trials)
@@ -107,26 +107,7 @@ def stats(
         _set_stats(profile_dir, k, as_json, stability_fraction, stability_trials, seed)
         return
 
-    prof = Profile.load(profile_dir)
-    report = routing_stats(prof.counts_LE, prof.mass_LE, layer_ids=prof.layer_ids, k=k).to_json()
-    if stability_trials > 0:
-        from ..stats import resolve_k
-
-        stab = subsample_stability(
-            prof.example_counts_NLE,
-            stability_fraction,
-            resolve_k(k, prof.num_experts),
-            trials=stability_trials,
-            seed=seed,
-        )
-        report["subsample_stability"] = {
-            "fraction": stab.fraction,
-            "trials": stab.trials,
-            "seed": stab.seed,
-            "mean_jaccard": stab.mean,
-            "std_jaccard": stab.std,
-        }
-    report["profile"] = {"path": str(profile_dir), "fingerprint": prof.fingerprint, **_profile_summary(prof)}
+    report = profile_stats(Profile.load(profile_dir), k, stability_fraction, stability_trials, seed, path=profile_dir)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -159,15 +140,6 @@ def _set_stats(path: Path, k: str, as_json: bool, fraction: float, trials: int, 
     console.print(set_summary_table(report))
     for block in report["jaccard"]:
         console.print(jaccard_table(block))
-
-
-def _profile_summary(prof) -> dict:
-    return {
-        "model": prof.metadata.get("model", {}).get("id"),
-        "data": prof.metadata.get("data", {}).get("data"),
-        "examples": prof.num_examples,
-        "tokens": prof.tokens,
-    }
 
 
 def _experts_of(path: Path, k: str, rank_by: str) -> tuple[str, dict[int, list[int]]]:
