@@ -12,6 +12,8 @@ The recipe, one stage per module, each writing an artifact the next one reads::
 
 Fine-tuning then goes through PEFT (``get_peft_model(model, moe_sieve.SieveConfig(selection="runs/selection.json"))``,
 ``PeftModel.from_pretrained``) or TRL (``SFTTrainer(..., peft_config=moe_sieve.SieveConfig(...))``); see docs/trl.md.
+A trained adapter goes where it will be used with ``export_adapter(adapter_dir, "peft" | "vllm" | "sglang" | "merged",
+out)`` (``merge_adapter`` for a merged checkpoint in another dtype).
 """
 
 from ._version import __version__
@@ -36,9 +38,11 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "default_model_path",
+    "export_adapter",
     "find_moe_layers",
     "load_examples",
     "make_selection",
+    "merge_adapter",
     "profile_model",
     "register_arch",
     "routing_stats",
@@ -47,14 +51,20 @@ __all__ = [
 ]
 
 _PEFT_CONFIGS = ("SieveConfig", "RoutedConfig")
+_EXPORT = ("export_adapter", "merge_adapter")
 
 
 def __getattr__(name: str):
-    """``SieveConfig``/``RoutedConfig`` import PEFT on first use, so ``import moe_sieve`` itself stays light."""
+    """``SieveConfig``/``RoutedConfig`` import PEFT on first use and the export functions the adapters package, so
+    ``import moe_sieve`` itself stays light."""
     if name in _PEFT_CONFIGS:
         from .adapters import peft_method
 
         return getattr(peft_method, name)
+    if name in _EXPORT:
+        from .adapters import export
+
+        return getattr(export, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

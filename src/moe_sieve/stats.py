@@ -160,6 +160,17 @@ class SubsampleStability:
     per_trial: list[float] = field(default_factory=list)
     sample_size: int = 0
 
+    def to_json(self) -> dict[str, Any]:
+        """The summary ``stats --json`` and the profile-set rows print (the per-trial values left out)."""
+        return {
+            "fraction": self.fraction,
+            "trials": self.trials,
+            "seed": self.seed,
+            "sample_size": self.sample_size,
+            "mean_jaccard": self.mean,
+            "std_jaccard": self.std,
+        }
+
 
 def subsample_stability(
     example_counts_NLE: Any,

@@ -3,7 +3,16 @@
 from .attach import AdapterMissingError, SieveState, apply_sieve_lora, trainable_parameters, verify_adapters
 from .config import SieveLoraConfig
 from .experts import ExpertLoRA, sieve_lora_experts_forward
-from .io import load_sieve_adapter, merge_sieve_lora, read_adapter_config, save_sieve_adapter
+from .export import (
+    ExportFormat,
+    ExportResult,
+    TokenizerNotSavedWarning,
+    export_adapter,
+    export_formats,
+    merge_adapter,
+    register_export_format,
+)
+from .io import load_adapted_model, load_sieve_adapter, merge_sieve_lora, read_adapter_config, save_sieve_adapter
 from .lora import LoraLinear, LoraWeightDelta
 from .peft_export import export_peft_adapter
 from .plan import plan_adapters
@@ -12,17 +21,25 @@ from .serving import export_serving_adapter
 __all__ = [
     "AdapterMissingError",
     "ExpertLoRA",
+    "ExportFormat",
+    "ExportResult",
     "LoraLinear",
     "LoraWeightDelta",
     "SieveLoraConfig",
     "SieveState",
+    "TokenizerNotSavedWarning",
     "apply_sieve_lora",
+    "export_adapter",
+    "export_formats",
     "export_peft_adapter",
     "export_serving_adapter",
+    "load_adapted_model",
     "load_sieve_adapter",
+    "merge_adapter",
     "merge_sieve_lora",
     "plan_adapters",
     "read_adapter_config",
+    "register_export_format",
     "save_sieve_adapter",
     "sieve_lora_experts_forward",
     "trainable_parameters",

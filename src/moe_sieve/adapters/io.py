@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from .._io import atomic_dir, atomic_write_safetensors, read_safetensors
 from .._version import __version__
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
+from ..modeling import ModelSpec, load_model
 from ..profiling.artifact import ProfileMismatchError, warn_other_model
 from .attach import SieveState, apply_sieve_lora, trainable_parameters
 from .config import SieveLoraConfig
@@ -249,3 +250,22 @@ def merge_sieve_lora(model: nn.Module) -> nn.Module:
         param.requires_grad_(False)
     del model.moe_sieve
     return model
+
+
+def load_adapted_model(
+    adapter: str | os.PathLike,
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+) -> tuple[nn.Module, ModelSpec]:
+    """The base model named by ``model`` or else by the adapter's config, with the adapter loaded; on CPU by
+    default (merging and exporting need no accelerator). Returns the model and the spec it was loaded with."""
+    base = model or read_adapter_config(adapter)["base_model"]["id"]
+    if not base:
+        raise ValueError(f"{adapter}: the adapter names no base model; pass --model")
+    spec = ModelSpec(model=base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    net = load_model(spec)
+    load_sieve_adapter(net, adapter)
+    return net, spec

@@ -264,14 +264,8 @@ def compare(
 
 
 def merged_for_harness(adapter: str | Path, out: str | Path, *, model: str | None = None) -> Path:
-    """``moe-sieve merge ADAPTER --out OUT``: the merged transformers checkpoint (+ tokenizer) the harness loads
-    with ``--model hf --model_args pretrained=OUT``."""
-    from typer.testing import CliRunner
+    """The merged transformers checkpoint (+ tokenizer) of ``adapter`` (``moe-sieve merge ADAPTER --out OUT``),
+    which the harness loads with ``--model hf --model_args pretrained=OUT``."""
+    from ..adapters import merge_adapter
 
-    from ..cli import app
-
-    args = ["merge", str(adapter), "--out", str(out)] + (["--model", model] if model else [])
-    result = CliRunner().invoke(app, args)
-    if result.exit_code != 0:
-        raise RuntimeError(f"moe-sieve merge failed: {result.output}{result.exception!r}")
-    return Path(out)
+    return merge_adapter(adapter, out, model=model)

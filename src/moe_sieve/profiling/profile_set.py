@@ -127,6 +127,43 @@ def model_id(profile: Profile) -> str:
     return str(profile.metadata.get("model", {}).get("id") or "?")
 
 
+def profile_stability(
+    prof: Profile, k: int | float | str = "25%", fraction: float = 0.1, trials: int = 50, seed: int = 0
+) -> dict[str, Any]:
+    """Subsample stability of one profile (§3.3), as JSON: how well ``fraction`` of its examples recovers its
+    top-k, over ``trials`` seeded draws."""
+    from ..stats import resolve_k, subsample_stability
+
+    k_int = resolve_k(k, prof.num_experts)
+    return subsample_stability(prof.example_counts_NLE, fraction, k_int, trials=trials, seed=seed).to_json()
+
+
+def profile_stats(
+    prof: Profile,
+    k: int | float | str = "25%",
+    stability_fraction: float = 0.1,
+    stability_trials: int = 50,
+    seed: int = 0,
+    path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Every §3 statistic of one profile, as ``moe-sieve stats --json`` prints it: the routing skew, the subsample
+    stability (unless ``stability_trials`` is 0) and what the profile is (``path``, fingerprint, model, data)."""
+    from ..stats import routing_stats
+
+    report = routing_stats(prof.counts_LE, prof.mass_LE, layer_ids=prof.layer_ids, k=k).to_json()
+    if stability_trials > 0:
+        report["subsample_stability"] = profile_stability(prof, k, stability_fraction, stability_trials, seed)
+    report["profile"] = {
+        "path": None if path is None else str(path),
+        "fingerprint": prof.fingerprint,
+        "model": prof.metadata.get("model", {}).get("id"),
+        "data": prof.metadata.get("data", {}).get("data"),
+        "examples": prof.num_examples,
+        "tokens": prof.tokens,
+    }
+    return report
+
+
 def set_stats(
     profiles: dict[str, Profile],
     k: int | float | str = "25%",
@@ -138,7 +175,7 @@ def set_stats(
     the per-model summary of Table 2 (means over datasets; ratio = mean layer CV / mean global CV)."""
     import numpy as np
 
-    from ..stats import coverage_with_shared, jaccard_matrix, resolve_k, routing_stats, subsample_stability
+    from ..stats import coverage_with_shared, jaccard_matrix, routing_stats
 
     datasets = []
     for name, prof in profiles.items():
@@ -157,20 +194,7 @@ def set_stats(
             else float(coverage_with_shared(report["mean_coverage"], shared, prof.top_k)),
         }
         if stability_trials > 0:
-            stab = subsample_stability(
-                prof.example_counts_NLE,
-                stability_fraction,
-                resolve_k(k, prof.num_experts),
-                trials=stability_trials,
-                seed=seed,
-            )
-            row["subsample_stability"] = {
-                "fraction": stab.fraction,
-                "trials": stab.trials,
-                "sample_size": stab.sample_size,
-                "mean_jaccard": stab.mean,
-                "std_jaccard": stab.std,
-            }
+            row["subsample_stability"] = profile_stability(prof, k, stability_fraction, stability_trials, seed)
         datasets.append(row)
     models = []
     jaccard = []
