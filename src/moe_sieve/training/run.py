@@ -33,7 +33,7 @@ from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from ..profiling import Profile, profile_model
 from ..profiling.profiler import profile_examples
-from ..selection import Selection, make_selection
+from ..selection import Selection, get_strategy, make_selection
 from .config import TrainConfig
 from .convergence import convergence, loss_curve
 from .fused_loss import FusedLinearCrossEntropy, choose_fused_ce
@@ -300,7 +300,7 @@ def _given_inputs(config: TrainConfig, model: Any) -> tuple[Selection | None, Pr
     shape = MoEShape.of(find_moe_layers(model))
     if config.experts_mode != "selected":
         return None, None
-    if config.strategy in ("topk", "random", "greedy"):
+    if get_strategy(config.strategy).uses_k:
         try:
             resolve_k(config.k, shape.num_experts)
         except (TypeError, ValueError) as err:
@@ -345,7 +345,7 @@ def _selection_for(
     if selection is None and resume and selection_path.exists():
         selection = Selection.load(selection_path)
     if selection is None:
-        if profile is None and config.strategy != "random":
+        if profile is None and get_strategy(config.strategy).uses_scores:
             rng = np.random.default_rng(config.seed)
             count = max(1, math.floor(config.profile_subsample * len(examples) + 0.5))
             picked = sorted(rng.choice(len(examples), size=count, replace=False).tolist())
