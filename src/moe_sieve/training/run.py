@@ -90,7 +90,10 @@ SELECTION_SETTINGS = (
     "min_per_layer",
     "seed",
     "max_length",
+    "hot",
 )
+# Fingerprinted only when set, so a run that does not use them keeps the fingerprint it was recorded with.
+_FINGERPRINTED_WHEN_SET = ("hot",)
 RUN_ARTIFACTS = ("config.json", *STAGE_OUTPUTS)
 
 
@@ -110,6 +113,9 @@ def _file_digest(path: str | None) -> str | None:
 
 def selection_fingerprint(config: TrainConfig) -> str:
     settings = {name: getattr(config, name) for name in SELECTION_SETTINGS}
+    for name in _FINGERPRINTED_WHEN_SET:
+        if settings[name] is None:
+            del settings[name]
     settings["selection_content"] = _file_digest(config.selection)
     settings["profile_content"] = _file_digest(config.profile)
     return fingerprint(settings)
