@@ -340,3 +340,7 @@ def test_selection_fingerprint_covers_hot_and_keeps_the_fingerprints_of_runs_wit
     assert selection_fingerprint(config) == fingerprint(recorded)
     two, three = (dataclasses.replace(config, hot=hot) for hot in ("2", "3"))
     assert len({selection_fingerprint(config), selection_fingerprint(two), selection_fingerprint(three)}) == 3
+    from moe_sieve.selection import STRATEGIES
+    from moe_sieve.training.run import selection_settings
+
+    assert {name for s in STRATEGIES.values() for name in s.settings} <= set(selection_settings())
