@@ -14,6 +14,7 @@ from typing import Any
 
 from peft import PeftConfig
 
+from ...selection import STRATEGIES
 from ..config import ALL_GROUPS, SieveLoraConfig
 from ..routed.config import RoutedAdapterConfig
 from ._registry import SIEVE, SIEVE_ROUTED
@@ -103,7 +104,7 @@ class SieveConfig(PeftConfig):
     )
     profile: Any = _f(None, "A profile directory (or Profile): select with k= from it, and/or report coverage.")
     k: Any = _f(None, "Experts per layer to select from profile= (an int, or a share such as '25%').")
-    strategy: str = _f("topk", "Selection strategy with profile= (topk, coverage, greedy, random, hot+filler).")
+    strategy: str = _f("topk", f"Selection strategy with profile= ({', '.join(STRATEGIES)}).")
     rank_by: str = _f("count", "Rank experts by routing count or mass (profile= only).")
     r: int = _f(32, "LoRA rank.")
     lora_alpha: float = _f(64.0, "LoRA alpha; the update is scaled by lora_alpha / r.")
