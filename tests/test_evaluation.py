@@ -587,3 +587,37 @@ def test_evaluate_dispatches_on_the_task(monkeypatch, tmp_path, tiny_model, toke
     hella = write_jsonl(tmp_path / "h.jsonl", HELLASWAG_ROWS)
     result = evaluate(tiny_model, tokenizer, f"hellaswag:{hella}", max_examples=1, progress=False)
     assert result.task == "hellaswag" and result.n == 1 and result.accuracy_norm is not None
+
+
+def test_one_eval_config_behind_eval_and_the_sweep(tmp_path):
+    """`moe-sieve eval` exposes every EvalConfig field with its default; the sweep's EvalSettings is an EvalConfig
+    (same fields and checks, plus its own defaults and `also`), and its errors name the file."""
+    import dataclasses
+
+    import typer
+
+    from moe_sieve.cli import app
+    from moe_sieve.evaluation import EvalConfig
+    from moe_sieve.sweep.config import EvalSettings, SweepConfig
+
+    command = typer.main.get_command(app).commands["eval"]
+    options = {param.name: param.default for param in command.params}
+    for f in dataclasses.fields(EvalConfig):
+        assert f.name in options and (f.name == "data" or options[f.name] == f.default), f.name
+    assert issubclass(EvalSettings, EvalConfig)
+    names = [f.name for f in dataclasses.fields(EvalConfig)]
+    assert [f.name for f in dataclasses.fields(EvalSettings)] == [*names, "also"]
+    with pytest.raises(ValueError, match=r"--max-new-tokens\) must be an integer >= 1, got 0"):
+        EvalConfig(data="gsm8k", max_new_tokens=0)
+    sweep = {
+        "name": "s",
+        "models": ["m"],
+        "tasks": [{"name": "t", "data": "spider", "eval": {"keep_distinct": True}}],
+        "conditions": [{"name": "c"}],
+        "seeds": [0],
+    }
+    config = SweepConfig.from_dict(sweep, source="s.yaml")
+    assert config.tasks[0].eval.keep_distinct and config.tasks[0].eval.batch_size == 16
+    sweep["eval"] = {"batch_size": 0}
+    with pytest.raises(ValueError, match=r"s.yaml: eval: eval batch_size \(--batch-size\) must be an integer >= 1"):
+        SweepConfig.from_dict(sweep, source="s.yaml")

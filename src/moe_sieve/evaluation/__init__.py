@@ -3,6 +3,7 @@ normalised accuracy; the LLM-Adapters test sets of Routed-PEFT (accuracy of a pa
 
 # Importing a task's module registers its evaluator (evaluation.registry): a new task is one more import here.
 from .common import EvalResult
+from .config import EvalConfig
 from .evaluate import evaluate, load_task_rows
 from .facts import evaluate_facts
 from .gsm8k import evaluate_gsm8k, extract_answer
@@ -23,6 +24,7 @@ from .spider import (
 __all__ = [
     "EVAL_SPLITS",
     "EVAL_TASKS",
+    "EvalConfig",
     "EvalResult",
     "EvalTask",
     "QueryError",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ..data.tasks import TASKS, _format_rows, _load_task_rows, _select, check_selection_args, get_task
 from .common import EvalResult
+from .config import EvalConfig
 from .registry import EVAL_TASKS, NOT_EVALUABLE, ScoreContext, get_eval_task
 
 
@@ -84,44 +86,59 @@ def load_task_rows(
 def evaluate(
     model: Any,
     tokenizer: Any,
-    data: str,
+    data: str | EvalConfig,
     *,
     split: str | None = None,
     max_examples: int | None = None,
     spider_dir: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_new_tokens: int | None = None,
     timeout_s: float = 5.0,
-    keep_distinct: bool = False,
+    keep_distinct: bool | None = None,
     progress: bool = True,
     likelihood: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on ``data`` (``gsm8k``, ``hellaswag``, ``spider`` or ``TASK:PATH``, including the
     LLM-Adapters test sets ``commonsense-*:PATH`` / ``math-*:PATH``) with its metric.
 
-    ``max_new_tokens`` defaults to the task's own budget (``EVAL_TASKS[name].max_new_tokens``; LLM-Adapters' test
-    sets have their scripts'). With ``likelihood`` (every task whose metric is not a likelihood already, i.e. all
-    but HellaSwag), the gold completions are also scored by teacher forcing (``evaluation.likelihood``): the
-    aggregates go to ``result.metrics``, each row's values to its prediction."""
-    name, path = _parse_data(data)
+    ``data`` is a data string or an :class:`EvalConfig`; the options given here (not None) set or override its
+    fields, the others keep ``EvalConfig``'s defaults. ``max_new_tokens`` defaults to the task's own budget
+    (``EVAL_TASKS[name].max_new_tokens``; LLM-Adapters' test sets have their scripts'). With ``likelihood`` (every
+    task whose metric is not a likelihood already, i.e. all but HellaSwag), the gold completions are also scored
+    by teacher forcing (``evaluation.likelihood``): the aggregates go to ``result.metrics``, each row's values to
+    its prediction."""
+    options = {
+        "split": split,
+        "max_examples": max_examples,
+        "spider_dir": spider_dir,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "keep_distinct": keep_distinct,
+    }
+    given = {name: value for name, value in options.items() if value is not None}
+    config = dataclasses.replace(data, **given) if isinstance(data, EvalConfig) else EvalConfig(data=data, **given)
+    if config.data is None:
+        raise ValueError("evaluate: no data to evaluate (EvalConfig.data is unset)")
+    name, path = _parse_data(config.data)
     spec = get_eval_task(name)
-    spider_dir = _resource_dir(name, path, spider_dir)
-    task, rows = load_task_rows(data, split, max_examples, spider_dir=spider_dir)
+    resource_dir = _resource_dir(name, path, config.spider_dir)
+    task, rows = load_task_rows(config.data, config.split, config.max_examples, spider_dir=resource_dir)
     context = ScoreContext(
         task=task,
-        max_new_tokens=spec.budget(max_new_tokens),
-        batch_size=batch_size,
+        max_new_tokens=spec.budget(config.max_new_tokens),
+        batch_size=config.batch_size,
         progress=progress,
-        resource_dir=spider_dir,
-        keep_distinct=keep_distinct,
+        resource_dir=resource_dir,
+        keep_distinct=config.keep_distinct,
         timeout_s=timeout_s,
     )
     result = spec.score(model, tokenizer, rows, context)
     if likelihood and spec.gold_likelihood:
-        add_likelihoods(model, tokenizer, task, rows, result, batch_size=batch_size, progress=progress)
+        add_likelihoods(model, tokenizer, task, rows, result, batch_size=config.batch_size, progress=progress)
     norm = {} if result.accuracy_norm is None else {"accuracy_norm": result.accuracy_norm}
     result.metrics = {"accuracy": result.accuracy, **norm, **result.metrics}
-    result.metadata.update({"data": data, "split": _eval_split(name, path, split), "max_examples": max_examples})
+    split_read = _eval_split(name, path, config.split)
+    result.metadata.update({"data": config.data, "split": split_read, "max_examples": config.max_examples})
     return result
 
 

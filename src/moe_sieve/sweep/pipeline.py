@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json
-from .config import RunSpec
+from .config import EvalSettings, RunSpec
 
 RUN_FILE = "run.json"  # the resolved RunSpec, written before the run starts
 EVAL_FILE = "eval.json"  # written last: its presence (complete, same fingerprint) marks a finished run
@@ -50,7 +50,6 @@ def _same_settings(run_dir: Path, spec: RunSpec) -> bool:
     """Settings equal up to options added to ``train`` or ``eval`` since the run was made (absent there,
     default here), so a new TrainConfig or EvalSettings field does not turn every finished run into a stale one."""
     from ..training import TrainConfig
-    from .config import EvalSettings
 
     stored = _read_json(run_dir / RUN_FILE)
     if stored is None:
@@ -83,7 +82,10 @@ def train_and_evaluate(
     tokenizer: Any = None,
     progress: bool = False,
 ) -> tuple[Any, Any]:
-    """``train`` then ``evaluate`` on the trained model (already in memory, adapters attached)."""
+    """``train`` then ``evaluate`` on the trained model (already in memory, adapters attached); ``eval_settings``
+    holds :class:`EvalSettings` fields (absent ones take their defaults)."""
+    import dataclasses
+
     from ..evaluation import evaluate
     from ..modeling import ModelSpec, load_model, load_tokenizer
     from ..training import train
@@ -103,18 +105,10 @@ def train_and_evaluate(
     result.metrics.setdefault("moe_layers", len(find_moe_layers(model)))
     model.eval()
 
+    settings = EvalSettings.from_json(eval_settings)
+
     def score(data: str, split: str | None) -> Any:
-        return evaluate(
-            model,
-            tokenizer,
-            data,
-            split=split,
-            max_examples=eval_settings.get("max_examples"),
-            spider_dir=eval_settings.get("spider_dir"),
-            batch_size=eval_settings.get("batch_size", 16),
-            max_new_tokens=eval_settings.get("max_new_tokens", 128),
-            progress=progress,
-        )
+        return evaluate(model, tokenizer, dataclasses.replace(settings, data=data, split=split), progress=progress)
 
     evaluation = score(eval_settings["data"], eval_settings.get("split"))
     evaluation.metadata["also"] = {
