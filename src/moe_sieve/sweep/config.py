@@ -70,7 +70,6 @@ class EvalSettings(EvalConfig):
 
     data: str | None = _help("Evaluation data (default: the task's training data, at its held-out split).", None)
     batch_size: int = _help("Prompts per batch.", 16)
-    max_new_tokens: int | None = _help("Generation budget (GSM8K, Spider).", 128)
     also: dict[str, str] | None = _help(
         "Further evaluation data scored by the same trained model, name -> data string (e.g. the facts task's "
         "paraphrase split); results.csv gets NAME_METRIC columns (paraphrase_gold_prob, ...).",

@@ -54,9 +54,31 @@ def _same_settings(run_dir: Path, spec: RunSpec) -> bool:
     stored = _read_json(run_dir / RUN_FILE)
     if stored is None:
         return False
+    old_eval = stored.get("eval")
+    if isinstance(old_eval, dict) and old_eval.get("max_new_tokens") != spec.eval.get("max_new_tokens"):
+        # a run recorded with the sweep's former fixed 128 is the same run where that is the task's own budget
+        budgets = _generation_budgets(old_eval)
+        if budgets is not None and budgets == _generation_budgets(spec.eval):
+            old_eval = {**old_eval, "max_new_tokens": spec.eval.get("max_new_tokens")}
     return _same_up_to_new_defaults(stored.get("train"), spec.train, TrainConfig) and _same_up_to_new_defaults(
-        stored.get("eval"), spec.eval, EvalSettings
+        old_eval, spec.eval, EvalSettings
     )
+
+
+def _generation_budgets(settings: dict[str, Any]) -> dict[str, int | None] | None:
+    """The generation budget of each evaluation of a run (its data and each ``also``; None for a task that does
+    not generate), as ``evaluate`` resolves it; None where the settings cannot be read."""
+    from ..evaluation.evaluate import check_eval_data
+    from ..evaluation.registry import get_eval_task
+
+    datasets = {"": settings.get("data"), **(settings.get("also") or {})}
+    try:
+        return {
+            name: get_eval_task(check_eval_data(data)).budget(settings.get("max_new_tokens"))
+            for name, data in datasets.items()
+        }
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _same_up_to_new_defaults(old: Any, new: dict[str, Any], cls: type) -> bool:
