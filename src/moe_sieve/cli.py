@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .adapters.config import LORA
 from .reporting import stats_table
 from .selection import strategy_help
 
@@ -438,8 +439,8 @@ def plan(
         str, typer.Option("--model", "-m", help="Hub id, model directory, or a config.json file.")
     ] = DEFAULT_MODEL,
     k: KOpt = "25%",
-    r: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 64.0,
+    r: Annotated[int, typer.Option(help="LoRA rank.")] = LORA.r,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = LORA.alpha,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the repository's own config code.")] = False,
     method: Annotated[str, typer.Option(help="sieve, or routed (Routed-PEFT adapters).")] = "sieve",
@@ -525,8 +526,8 @@ def attach(
         Path | None, typer.Option("--selection", "-s", help="Selection JSON (needed for --experts selected).")
     ] = None,
     experts: Annotated[str, typer.Option(help="selected (MoE-Sieve), all (full LoRA) or none.")] = "selected",
-    r: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 64.0,
+    r: Annotated[int, typer.Option(help="LoRA rank.")] = LORA.r,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = LORA.alpha,
     targets: Annotated[
         str, typer.Option(help="Comma-separated module groups: attention,router,shared,experts.")
     ] = "attention,router,shared,experts",

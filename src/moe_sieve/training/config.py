@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..adapters.config import LoraOptions, lora_field
 from ..selection import STRATEGIES as SELECTION_STRATEGIES
 from ..selection import strategy_help
 
@@ -99,9 +100,9 @@ class TrainConfig:
     min_per_layer: int | None = _help("Greedy: experts every layer starts with (default: the model's top-k).", None)
     hot: str | None = _help("hot+filler: top experts kept per layer, a count or share (default: half of k).", None)
     # LoRA
-    r: int = _help("LoRA rank.", 32)
-    alpha: float = _help("LoRA alpha.", 64.0)
-    dropout: float = _help("LoRA dropout.", 0.05)
+    r: int = lora_field("r", "LoRA rank (routed: also the parallel adapter's width); one default for both methods.")
+    alpha: float = lora_field("alpha", "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = lora_field("dropout", "LoRA dropout.")
     targets: tuple[str, ...] = _help("Module groups to adapt.", ("attention", "router", "shared", "experts"))
     train_tokens: str = _help(
         "Also train the input-embedding and output-head rows of these tokens (row deltas saved with the adapter): "
@@ -164,6 +165,7 @@ class TrainConfig:
         self.targets = tuple(self.targets)
         if self.strategy not in train_strategies():
             raise ValueError(f"--strategy {self.strategy!r}: choose one of {', '.join(train_strategies())}")
+        LoraOptions(self.r, self.alpha, self.dropout)  # the shared checks, before any model loads
         if self.rank_by not in ("count", "mass"):
             raise ValueError(f"--rank-by must be count or mass, got {self.rank_by!r}")
         if self.overflow not in ("truncate", "drop"):

@@ -15,7 +15,7 @@ from typing import Any
 from peft import PeftConfig
 
 from ...selection import STRATEGIES
-from ..config import ALL_GROUPS, SieveLoraConfig
+from ..config import ALL_GROUPS, SieveLoraConfig, lora_field
 from ..routed.config import RoutedAdapterConfig
 from ._registry import SIEVE, SIEVE_ROUTED
 
@@ -106,9 +106,11 @@ class SieveConfig(PeftConfig):
     k: Any = _f(None, "Experts per layer to select from profile= (an int, or a share such as '25%').")
     strategy: str = _f("topk", f"Selection strategy with profile= ({', '.join(STRATEGIES)}).")
     rank_by: str = _f("count", "Rank experts by routing count or mass (profile= only).")
-    r: int = _f(32, "LoRA rank.")
-    lora_alpha: float = _f(64.0, "LoRA alpha; the update is scaled by lora_alpha / r.")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input (routers get none: their update acts on the weight).")
+    r: int = lora_field("r")
+    lora_alpha: float = lora_field("alpha", "LoRA alpha; the update is scaled by lora_alpha / r.")
+    lora_dropout: float = lora_field(
+        "dropout", "Dropout on the LoRA input (routers get none: their update acts on the weight)."
+    )
     targets: list[str] = _f(
         None, "Module groups: attention, router, shared, experts.", factory=lambda: list(ALL_GROUPS)
     )
