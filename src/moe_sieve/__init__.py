@@ -18,7 +18,7 @@ from ._version import __version__
 from .arch import ArchSpec, MoELayer, UnsupportedModelError, find_moe_layers, register_arch
 from .data.tasks import Example, load_examples
 from .profiling import Profile, ProfileConfig, ProfileMismatchError, profile_model, run_profile
-from .selection import Selection, make_selection
+from .selection import Selection, make_selection, register_strategy
 from .stats import RoutingStats, routing_stats, subsample_stability
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "make_selection",
     "profile_model",
     "register_arch",
+    "register_strategy",
     "routing_stats",
     "run_profile",
     "subsample_stability",
