@@ -525,6 +525,52 @@ def test_load_task_rows_hub_defaults_to_held_out_split(monkeypatch):
     assert rows[0]["_source"] == "openai/gsm8k[test]:0"
 
 
+def test_eval_tasks_are_a_registry_evaluate_reads_split_budget_and_result_spans_from(monkeypatch, tmp_path):
+    """One data task plus one register_eval_task call make a task evaluable: evaluate takes its held-out split,
+    its generation budget (unless given) and its likelihood result spans from the record."""
+    from moe_sieve.data.tasks import TASKS, TaskSpec
+    from moe_sieve.evaluation import EVAL_TASKS, likelihood, register_eval_task
+    from moe_sieve.evaluation.gsm8k import result_spans
+    from moe_sieve.evaluation.llm_adapters import default_max_new_tokens
+    from moe_sieve.tiny import byte_level_tokenizer
+
+    seen: dict = {}
+
+    def score(model, tokenizer, rows, ctx):
+        seen["budget"] = ctx.max_new_tokens
+        predictions = [{"source": row["_source"], "correct": True} for row in rows]
+        return EvalResult(task=ctx.task, n=len(rows), accuracy=1.0, predictions=predictions)
+
+    def spans(completion):
+        return [(0, 1)]
+
+    def fake_score_gold(model, tokenizer, pairs, *, batch_size, progress, result_spans):
+        seen["spans"] = result_spans
+        return [{"gold_logprob": -1.0, "gold_tokens": 1} for _ in pairs]
+
+    monkeypatch.setattr(likelihood, "score_gold", fake_score_gold)
+    spec = TaskSpec("echo", "nowhere/echo", None, "train", ("q", "a"), lambda r: (r["q"], " " + r["a"]), "echo")
+    monkeypatch.setitem(TASKS, "echo", spec)
+    register_eval_task("echo", score, split="validation", max_new_tokens=7, result_spans=spans)
+    try:
+        folder = tmp_path / "echo"
+        folder.mkdir()
+        write_jsonl(folder / "train.jsonl", [{"q": "1+2=", "a": "3"}] * 2)
+        write_jsonl(folder / "validation.jsonl", [{"q": "1+1=", "a": "2"}])
+        result = evaluate(None, byte_level_tokenizer(), f"echo:{folder}", progress=False)
+        assert (seen["budget"], seen["spans"], result.metadata["split"], result.n) == (7, spans, "validation", 1)
+        assert result.metrics == {"accuracy": 1.0, "gold_logprob": -1.0, "gold_prob": pytest.approx(0.3679, abs=1e-4),
+                                  "gold_nll_per_token": 1.0}  # fmt: skip
+        evaluate(None, byte_level_tokenizer(), f"echo:{folder}", max_new_tokens=3, progress=False)
+        assert seen["budget"] == 3
+    finally:
+        del EVAL_TASKS["echo"]
+    assert EVAL_TASKS["gsm8k"].result_spans is result_spans and EVAL_TASKS["facts"].result_spans is None
+    assert EVAL_TASKS["hellaswag"].budget(64) is None and not EVAL_TASKS["hellaswag"].gold_likelihood
+    assert {EVAL_TASKS[t].budget() for t in ("commonsense-boolq", "math-aqua")} == {32, 256}
+    assert all(EVAL_TASKS[t].budget() == default_max_new_tokens(t) for t in EVAL_TASKS if "-" in t)
+
+
 def test_evaluate_dispatches_on_the_task(monkeypatch, tmp_path, tiny_model, tokenizer, spider_dir):
     stub_generate(monkeypatch, {format_gsm8k(row)[0]: " #### 5" for row in GSM8K_ROWS})
     result = evaluate(tiny_model, tokenizer, f"gsm8k:{write_jsonl(tmp_path / 'g.jsonl', GSM8K_ROWS)}", progress=False)
@@ -541,3 +587,37 @@ def test_evaluate_dispatches_on_the_task(monkeypatch, tmp_path, tiny_model, toke
     hella = write_jsonl(tmp_path / "h.jsonl", HELLASWAG_ROWS)
     result = evaluate(tiny_model, tokenizer, f"hellaswag:{hella}", max_examples=1, progress=False)
     assert result.task == "hellaswag" and result.n == 1 and result.accuracy_norm is not None
+
+
+def test_one_eval_config_behind_eval_and_the_sweep(tmp_path):
+    """`moe-sieve eval` exposes every EvalConfig field with its default; the sweep's EvalSettings is an EvalConfig
+    (same fields and checks, plus its own defaults and `also`), and its errors name the file."""
+    import dataclasses
+
+    import typer
+
+    from moe_sieve.cli import app
+    from moe_sieve.evaluation import EvalConfig
+    from moe_sieve.sweep.config import EvalSettings, SweepConfig
+
+    command = typer.main.get_command(app).commands["eval"]
+    options = {param.name: param.default for param in command.params}
+    for f in dataclasses.fields(EvalConfig):
+        assert f.name in options and (f.name == "data" or options[f.name] == f.default), f.name
+    assert issubclass(EvalSettings, EvalConfig)
+    names = [f.name for f in dataclasses.fields(EvalConfig)]
+    assert [f.name for f in dataclasses.fields(EvalSettings)] == [*names, "also"]
+    with pytest.raises(ValueError, match=r"--max-new-tokens\) must be an integer >= 1, got 0"):
+        EvalConfig(data="gsm8k", max_new_tokens=0)
+    sweep = {
+        "name": "s",
+        "models": ["m"],
+        "tasks": [{"name": "t", "data": "spider", "eval": {"keep_distinct": True}}],
+        "conditions": [{"name": "c"}],
+        "seeds": [0],
+    }
+    config = SweepConfig.from_dict(sweep, source="s.yaml")
+    assert config.tasks[0].eval.keep_distinct and config.tasks[0].eval.batch_size == 16
+    sweep["eval"] = {"batch_size": 0}
+    with pytest.raises(ValueError, match=r"s.yaml: eval: eval batch_size \(--batch-size\) must be an integer >= 1"):
+        SweepConfig.from_dict(sweep, source="s.yaml")

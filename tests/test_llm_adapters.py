@@ -263,6 +263,49 @@ def test_a_dataset_folder_evaluates_its_test_split(monkeypatch, tmp_path):
         load_task_rows(f"commonsense-winogrande:{folder / 'test.json'}", split="train")
 
 
+def test_a_sweep_scores_each_test_set_with_the_budget_eval_uses(monkeypatch, tmp_path):
+    """A sweep task on an LLM-Adapters test set is scored with LLM-Adapters' own budget (32 commonsense, 256
+    math), the one `moe-sieve eval` / ``evaluate`` uses, not a fixed 128; an explicit budget still wins."""
+    from types import SimpleNamespace
+
+    from moe_sieve import arch, training
+    from moe_sieve.evaluation import common, evaluate, likelihood
+    from moe_sieve.sweep import SweepConfig, expand
+    from moe_sieve.sweep.pipeline import train_and_evaluate
+    from moe_sieve.tiny import byte_level_tokenizer
+
+    budgets: list[int] = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, stops=()):
+        budgets.append(max_new_tokens)
+        return ["true"] * len(prompts)
+
+    def fake_score_gold(model, tokenizer, pairs, **kw):
+        return [{"gold_logprob": -1.0, "gold_tokens": 1} for _ in pairs]
+
+    monkeypatch.setattr(common, "_generate", fake_generate)
+    monkeypatch.setattr(likelihood, "score_gold", fake_score_gold)
+    monkeypatch.setattr(training, "train", lambda config, **kw: SimpleNamespace(metrics={}))  # scoring only
+    monkeypatch.setattr(arch, "find_moe_layers", lambda model: [])
+    tokenizer = byte_level_tokenizer()
+    for task, budget in (("commonsense-boolq", 32), ("math-svamp", 256)):
+        path = tmp_path / f"{task}.json"
+        path.write_text(json.dumps([{"instruction": "q", "input": "", "output": "", "answer": "true"}]))
+        if task.startswith("math-"):
+            path.write_text(json.dumps([{"instruction": "q", "input": "", "output": "", "answer": "3"}]))
+        sweep = {"name": "s", "models": ["m"], "tasks": [{"name": "t", "data": f"{task}:{path}"}]}
+        sweep.update(conditions=[{"name": "c"}], seeds=[0])
+        for given in (None, 7):
+            if given is not None:
+                sweep["eval"] = {"max_new_tokens": given}
+            spec = expand(SweepConfig.from_dict(sweep, source=str(tmp_path / "s.yaml")), tmp_path / "out")[0]
+            budgets.clear()
+            _, swept = train_and_evaluate(None, spec.eval, model=_Model(), tokenizer=tokenizer)
+            evaluated = evaluate(_Model(), tokenizer, f"{task}:{path}", max_new_tokens=given, progress=False)
+            assert budgets == [given or budget] * 2, task
+            assert swept.metadata["max_new_tokens"] == evaluated.metadata["max_new_tokens"] == (given or budget)
+
+
 @pytest.mark.skipif(not (default_model_path() / "model.safetensors").exists(), reason="embedded model not built")
 def test_eval_cli_on_the_embedded_model_and_mini_math_task(monkeypatch, capsys, tmp_path):
     """``moe-sieve eval --data math-gsm8k:DIR`` end to end on the embedded model and the mini arithmetic task in the

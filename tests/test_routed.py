@@ -296,6 +296,29 @@ def test_config_validation_names_the_option():
     assert RoutedAdapterConfig(variant="S", num_adapters=7).num_adapters == 1
 
 
+def test_routed_lora_config_defaults_are_the_ones_train_and_plan_use():
+    """`train --method routed`, `plan --method routed`, RoutedAdapterConfig() and the PEFT RoutedConfig() size the
+    adapters alike (train and plan used to give r=32/alpha=64 where the configs said r=8/alpha=16); the sieve
+    defaults stay the paper's r=32, alpha=64, dropout=0.05."""
+    import typer
+
+    from moe_sieve.adapters import SieveLoraConfig
+    from moe_sieve.adapters.peft_method.config import RoutedConfig
+    from moe_sieve.cli import app
+    from moe_sieve.training import TrainConfig
+
+    def options(config):
+        return (config.r, config.alpha, config.dropout)
+
+    trained = TrainConfig(model="m", data="d", out="o", method="routed", variant="R").routed_config()
+    assert options(RoutedAdapterConfig()) == options(trained) == options(RoutedConfig().to_routed_config())
+    plan = {p.name: p.default for p in typer.main.get_command(app).commands["plan"].params}
+    assert (plan["r"], plan["alpha"]) == (RoutedAdapterConfig().r, RoutedAdapterConfig().alpha)
+    assert options(SieveLoraConfig()) == options(TrainConfig(model="m", data="d", out="o")) == (32, 64.0, 0.05)
+    with pytest.raises(ValueError, match="--dropout must be in"):
+        TrainConfig(model="m", data="d", out="o", dropout=1.0)  # before any model loads
+
+
 @pytest.mark.parametrize("variant", ["S", "D", "R", "E"])
 def test_short_training_lowers_the_loss_on_the_embedded_model(variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -306,3 +306,34 @@ def test_hot_filler_rejects_impossible_budgets():
         make_selection(counts_LE, strategy="hot+filler", k=7, hot=1)
     with pytest.raises(ValueError, match=r"hot \(5\) <= k \(4\)"):
         make_selection(counts_LE, strategy="hot+filler", k=4, hot=5)
+
+
+def test_strategies_are_a_registry_that_every_list_derives_from():
+    """One registration makes a strategy reachable from make_selection and `train --strategy`; the train list is
+    the registry between the two train-level choices (full: every expert, none: no routed expert)."""
+    from moe_sieve import selection
+    from moe_sieve.training.config import TrainConfig, train_strategies
+
+    assert train_strategies() == ("full", "topk", "random", "greedy", "coverage", "hot+filler", "none")
+    assert [s.name for s in selection.STRATEGIES.values() if not s.uses_scores] == ["random"]
+    assert [s.name for s in selection.STRATEGIES.values() if not s.uses_k] == ["coverage"]
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert set(selection.strategy_settings()) <= fields  # every option a strategy reads is a train option
+
+    def coldest(req):  # the k least-routed experts: ties to the lower id, as top-k
+        order = np.argsort(req.scores_LE, axis=1, kind="stable")[:, : req.k]
+        return {layer: sorted(int(e) for e in order[i]) for i, layer in enumerate(req.layer_ids)}, {"note": "x"}
+
+    selection.register_strategy("coldest", coldest, help="the k coldest experts")
+    try:
+        sel = make_selection(COUNTS_LE, None, strategy="coldest", k=2)
+        assert sel.experts == {0: [5, 6], 1: [0, 1], 2: [0, 1]}
+        assert sel.params == {"strategy": "coldest", "rank_by": "count", "k": 2, "k_resolved": 2, "note": "x"}
+        assert "coldest" in train_strategies() and "coldest (the k coldest experts)" in selection.strategy_help()
+        assert TrainConfig(model="m", data="d", out="o", strategy="coldest").experts_mode == "selected"
+        with pytest.raises(ValueError, match="--k"):
+            TrainConfig(model="m", data="d", out="o", strategy="coldest", k="0")
+    finally:
+        del selection.STRATEGIES["coldest"]
+    with pytest.raises(ValueError, match="choose one of full, topk, random, greedy, coverage, hot\\+filler, none"):
+        TrainConfig(model="m", data="d", out="o", strategy="coldest")

@@ -174,6 +174,31 @@ def test_partial_run_is_never_finished(tmp_path):
     assert header[: len(COLUMNS)] == list(COLUMNS)
 
 
+def test_runs_recorded_with_the_former_fixed_budget_keep_their_status(tmp_path):
+    """The sweep used to record max_new_tokens 128 for every task; now it scores each task with its own budget
+    (None recorded). An old finished run stays finished where 128 is its task's own budget (GSM8K) and is redone
+    where it is not (an LLM-Adapters commonsense set: 32)."""
+    import dataclasses
+
+    data = _sweep_dict(seeds=(0,))
+    data["eval"] = {"max_examples": 2, "batch_size": 2}
+    spec = expand(SweepConfig.from_dict(data, source=str(tmp_path / "s.yaml")), tmp_path)[0]
+    assert spec.eval["max_new_tokens"] is None
+    run_dir = tmp_path / "runs" / spec.run_id
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter.safetensors").write_bytes(b"x")
+    (run_dir / "metrics.json").write_text("{}")
+    (run_dir / "eval.json").write_text(json.dumps({"accuracy": 0.5, "n": 2, "fingerprint": "recorded-before"}))
+    before = {key: value for key, value in spec.eval.items() if key != "keep_distinct"} | {"max_new_tokens": 128}
+    for data_string, finished in (("gsm8k:x.jsonl", True), ("commonsense-boolq:x.json", False)):
+        record = {**spec.to_json(), "eval": {**before, "data": data_string}}
+        (run_dir / "run.json").write_text(json.dumps(record))
+        now = dataclasses.replace(spec, eval={**spec.eval, "data": data_string})
+        assert is_finished(run_dir, now) is finished, data_string
+        explicit = dataclasses.replace(now, eval={**now.eval, "max_new_tokens": 128})  # asked for 128: same run
+        assert is_finished(run_dir, explicit)
+
+
 def test_local_executor_gives_each_run_one_gpu_or_a_cpu_share(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(executors_mod, "run_worker", lambda run_dir, env, **kw: seen.append((run_dir, env)) or 0)

@@ -323,3 +323,24 @@ def test_resume_from_the_final_step_checkpoint_runs_no_extra_step(tiny_model_dir
     b = load_file(tmp_path / "cut" / "adapter" / "adapter.safetensors")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_selection_fingerprint_covers_hot_and_keeps_the_fingerprints_of_runs_without_it(tmp_path):
+    """--hot decides hot+filler's experts, so it is part of the selection fingerprint; unset, the fingerprint is
+    the one recorded before --hot was covered (config.json of existing runs stays valid)."""
+    import dataclasses
+
+    from moe_sieve._io import fingerprint
+    from moe_sieve.training.run import selection_fingerprint
+
+    before = ("model", "data", "split", "max_examples", "spider_dir", "strategy", "k", "rank_by", "selection")
+    before += ("profile", "profile_subsample", "coverage", "min_per_layer", "seed", "max_length")
+    config = TrainConfig(model="m", data="d", out=str(tmp_path), strategy="hot+filler", k="8")
+    recorded = {name: getattr(config, name) for name in before} | {"selection_content": None, "profile_content": None}
+    assert selection_fingerprint(config) == fingerprint(recorded)
+    two, three = (dataclasses.replace(config, hot=hot) for hot in ("2", "3"))
+    assert len({selection_fingerprint(config), selection_fingerprint(two), selection_fingerprint(three)}) == 3
+    from moe_sieve.selection import STRATEGIES
+    from moe_sieve.training.run import selection_settings
+
+    assert {name for s in STRATEGIES.values() for name in s.settings} <= set(selection_settings())

@@ -21,7 +21,7 @@ from .arch import ArchSpec, MoELayer, UnsupportedModelError, find_moe_layers, re
 from .data.tasks import Example, load_examples
 from .modeling import default_model_path
 from .profiling import Profile, ProfileConfig, ProfileMismatchError, profile_model, run_profile
-from .selection import Selection, make_selection
+from .selection import Selection, make_selection, register_strategy
 from .stats import RoutingStats, routing_stats, subsample_stability
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "merge_adapter",
     "profile_model",
     "register_arch",
+    "register_strategy",
     "routing_stats",
     "run_profile",
     "subsample_stability",

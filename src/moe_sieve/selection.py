@@ -1,10 +1,14 @@
-"""Which routed experts get LoRA adapters (paper §4, §6, App. C), and the selection file that records it."""
+"""Which routed experts get LoRA adapters (paper §4, §6, App. C), and the selection file that records it.
+
+A *strategy* is how experts are chosen (``register_strategy``: topk, random, greedy, coverage, hot+filler); a
+:class:`Selection` is the result, the experts per layer that get adapters, with the strategy recorded beside them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +23,6 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 SELECTION_FORMAT_VERSION = 1
-STRATEGIES = ("topk", "random", "greedy", "coverage", "hot+filler")
 RANK_BY = ("count", "mass")
 _REQUIRED_KEYS = ("format_version", "num_experts", "strategy", "layers")
 
@@ -253,6 +256,139 @@ def select_coverage(counts_LE: Any, target: float, layer_ids: Sequence[int] | No
     return _take(order_LE, k_L, ids)
 
 
+@dataclass(frozen=True)
+class SelectionRequest:
+    """What a strategy chooses from: per-layer scores (routed-token counts or routing mass, as ``rank_by``
+    says) and the options ``make_selection`` was given; ``k`` is resolved to a count for strategies that use it."""
+
+    scores_LE: np.ndarray
+    layer_ids: list[int]
+    num_experts: int
+    k: int | None
+    rank_by: str
+    seed: int
+    min_per_layer: int | None
+    coverage: float
+    hot: int | float | str | None
+    top_k: int | None
+
+
+# A strategy returns the experts per layer and the parameters it resolved (recorded in the selection file).
+SelectFn = Callable[[SelectionRequest], tuple[dict[int, list[int]], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered selection strategy: how experts are chosen, not which ones (that is the :class:`Selection`).
+
+    ``uses_k``: takes the per-layer budget ``k``; ``uses_scores``: ranks experts by the profile (counts or mass),
+    so it needs one (random does not); ``settings``: the further options it reads, by their ``make_selection`` /
+    ``TrainConfig`` names (a run's selection fingerprint covers them).
+    """
+
+    name: str
+    select: SelectFn
+    help: str
+    uses_k: bool = True
+    uses_scores: bool = True
+    settings: tuple[str, ...] = ()
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(
+    name: str,
+    select: SelectFn,
+    *,
+    help: str,
+    uses_k: bool = True,
+    uses_scores: bool = True,
+    settings: Sequence[str] = (),
+) -> Strategy:
+    """Add (or replace) a strategy so ``make_selection``, ``select --strategy`` and ``train --strategy`` reach it."""
+    strategy = Strategy(name, select, help, uses_k, uses_scores, tuple(settings))
+    STRATEGIES[name] = strategy
+    return strategy
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None
+
+
+def strategy_help() -> str:
+    """Each registered strategy with its one-line help, for option help texts."""
+    return ", ".join(f"{s.name} ({s.help})" for s in STRATEGIES.values())
+
+
+def strategy_settings() -> tuple[str, ...]:
+    """Every option some registered strategy reads, once each, in registration order."""
+    return tuple(dict.fromkeys(name for s in STRATEGIES.values() for name in s.settings))
+
+
+def _topk(req: SelectionRequest) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    return select_topk(req.scores_LE, req.k, req.layer_ids), {}
+
+
+def _random(req: SelectionRequest) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    return select_random(req.layer_ids, req.num_experts, req.k, req.seed), {"seed": int(req.seed)}
+
+
+def _greedy(req: SelectionRequest) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    """Greedy gets the same slot budget as uniform top-k (layers x k) and starts every layer with the model's
+    routing width ``top_k`` when known, else half of k, never more than k."""
+    k = req.k
+    min_per_layer = req.min_per_layer
+    if min_per_layer is None:
+        min_per_layer = min(req.top_k if req.top_k is not None else max(1, k // 2), k)
+    total_slots = len(req.layer_ids) * k
+    params = {"min_per_layer": int(min_per_layer), "total_slots": total_slots, "top_k": req.top_k}
+    return select_greedy(req.scores_LE, total_slots, int(min_per_layer), req.layer_ids), params
+
+
+def _coverage(req: SelectionRequest) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    params = {"coverage": float(req.coverage)}
+    return select_coverage(req.scores_LE, req.coverage, req.layer_ids), params
+
+
+def _hot_filler(req: SelectionRequest) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    """Keeps the top ``hot`` (a count or share; default half of k) and fills up to k with seeded random experts
+    ranked below the top-k."""
+    k, hot = req.k, req.hot
+    hot_int = max(1, k // 2) if hot is None else resolve_k(hot, req.num_experts)
+    experts, fillers = select_hot_filler(req.scores_LE, k, hot_int, req.seed, req.layer_ids)
+    params = {
+        "hot": None if hot is None else (int(hot) if isinstance(hot, np.integer) else hot),
+        "hot_resolved": hot_int,
+        "fillers_per_layer": k - hot_int,
+        "filler_pool": f"experts ranked below the top-{k} by {req.rank_by}",
+        "seed": int(req.seed),
+        "fillers": {str(layer): ids_ for layer, ids_ in fillers.items()},
+    }
+    return experts, params
+
+
+register_strategy("topk", _topk, help="the k hottest experts per layer, the MoE-Sieve recipe")
+register_strategy(
+    "random", _random, help="k random experts per layer, the control", uses_scores=False, settings=("seed",)
+)
+register_strategy(
+    "greedy", _greedy, help="coverage-greedy slots at top-k's budget, App. C", settings=("min_per_layer",)
+)
+register_strategy(
+    "coverage", _coverage, help="fewest experts reaching --coverage", uses_k=False, settings=("coverage",)
+)
+register_strategy(
+    "hot+filler",
+    _hot_filler,
+    help="top --hot plus random cold experts up to k, §7.3",
+    settings=("hot", "seed"),
+)
+
+
 def make_selection(
     counts_LE: Any,
     mass_LE: Any = None,
@@ -268,14 +404,9 @@ def make_selection(
     source: dict[str, Any] | None = None,
     hot: int | float | str | None = None,
 ) -> Selection:
-    """Choose experts with one strategy and record every resolved parameter, so the file explains itself.
-
-    Greedy gets the same slot budget as uniform top-k (layers x k) and starts every layer with the model's
-    routing width ``top_k`` when known, else half of k, never more than k. ``hot+filler`` keeps the top ``hot``
-    (a count or share; default half of k) and fills up to k with seeded random experts ranked below the top-k.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    """Choose experts with one registered strategy and record every resolved parameter, so the file explains
+    itself (see each strategy's function for its defaults: greedy's ``min_per_layer``, hot+filler's ``hot``)."""
+    spec = get_strategy(strategy)
     if rank_by not in RANK_BY:
         raise ValueError(f"unknown rank_by {rank_by!r}; choose one of {', '.join(RANK_BY)}")
     counts_LE = _scores(counts_LE)
@@ -286,40 +417,30 @@ def make_selection(
         mass_LE = to_numpy(mass_LE, "mass_LE", 2)
         if mass_LE.shape != counts_LE.shape:
             raise ValueError(f"mass_LE {mass_LE.shape} and counts_LE {counts_LE.shape} differ in shape")
-    if rank_by == "mass" and strategy != "random":
+    if rank_by == "mass" and spec.uses_scores:
         if mass_LE is None:
             raise ValueError("rank_by='mass' needs routing mass, but mass_LE is None")
         scores_LE = mass_LE
     params: dict[str, Any] = {"strategy": strategy, "rank_by": rank_by}
-    if strategy == "coverage":
-        params["coverage"] = float(coverage)
-        experts = select_coverage(scores_LE, coverage, ids)
-    else:
+    k_int = None
+    if spec.uses_k:
         k_int = resolve_k(k, num_experts)
         k_given = int(k) if isinstance(k, np.integer) else k if isinstance(k, (int, float, str)) else str(k)
         params.update(k=k_given, k_resolved=k_int)
-        if strategy == "topk":
-            experts = select_topk(scores_LE, k_int, ids)
-        elif strategy == "random":
-            params["seed"] = int(seed)
-            experts = select_random(ids, num_experts, k_int, seed)
-        elif strategy == "hot+filler":
-            hot_int = max(1, k_int // 2) if hot is None else resolve_k(hot, num_experts)
-            experts, fillers = select_hot_filler(scores_LE, k_int, hot_int, seed, ids)
-            params.update(
-                hot=None if hot is None else (int(hot) if isinstance(hot, np.integer) else hot),
-                hot_resolved=hot_int,
-                fillers_per_layer=k_int - hot_int,
-                filler_pool=f"experts ranked below the top-{k_int} by {rank_by}",
-                seed=int(seed),
-                fillers={str(layer): ids_ for layer, ids_ in fillers.items()},
-            )
-        else:
-            if min_per_layer is None:
-                min_per_layer = min(top_k if top_k is not None else max(1, k_int // 2), k_int)
-            total_slots = num_layers * k_int
-            params.update(min_per_layer=int(min_per_layer), total_slots=total_slots, top_k=top_k)
-            experts = select_greedy(scores_LE, total_slots, int(min_per_layer), ids)
+    request = SelectionRequest(
+        scores_LE=scores_LE,
+        layer_ids=ids,
+        num_experts=num_experts,
+        k=k_int,
+        rank_by=rank_by,
+        seed=seed,
+        min_per_layer=min_per_layer,
+        coverage=coverage,
+        hot=hot,
+        top_k=top_k,
+    )
+    experts, resolved = spec.select(request)
+    params.update(resolved)
     return Selection(
         experts=experts, num_experts=num_experts, strategy=strategy, params=params, source=dict(source or {})
     )

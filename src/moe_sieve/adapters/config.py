@@ -1,4 +1,5 @@
-"""Typed LoRA configuration for Sieve adapters (defaults follow the paper, §5.1)."""
+"""Typed LoRA configuration for Sieve adapters (defaults follow the paper, §5.1), and the LoRA options every
+adapter method shares, declared once (``LoraOptions``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,37 @@ ALL_GROUPS: tuple[str, ...] = ("attention", "router", "shared", "experts")
 ExpertsMode = Literal["selected", "all", "none"]
 
 
+@dataclass(frozen=True)
+class LoraOptions:
+    """Rank, alpha and dropout, declared once for every adapter method and every place that exposes them
+    (``SieveLoraConfig``, ``RoutedAdapterConfig``, ``TrainConfig``, the PEFT method configs, ``plan``/``attach``):
+    they take their defaults and help from :func:`lora_field` and their checks from here, so a command and the
+    config behind it cannot disagree (``train --method routed`` used to get r=32 where ``RoutedAdapterConfig()``
+    said r=8). One default for both methods: the paper's r=32, alpha=2r."""
+
+    r: int = field(default=32, metadata={"help": "LoRA rank."})
+    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (on the adapter's input)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"--r must be a positive integer, got {self.r!r}")
+        if not 0 < self.alpha < float("inf"):  # also refuses NaN
+            raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+
+
+LORA = LoraOptions()
+
+
+def lora_field(name: str, help: str | None = None) -> Any:
+    """A dataclass field for the shared LoRA option ``name`` (r, alpha or dropout): its one default, and its
+    help unless ``help`` words it for that config."""
+    shared = LoraOptions.__dataclass_fields__[name]
+    return field(default=shared.default, metadata={"help": help or shared.metadata["help"]})
+
+
 @dataclass
 class SieveLoraConfig:
     """Which modules get LoRA and how.
@@ -19,11 +51,10 @@ class SieveLoraConfig:
     every condition unless removed from ``targets``, so conditions differ only in the routed experts.
     """
 
-    r: int = field(default=32, metadata={"help": "LoRA rank."})
-    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    dropout: float = field(
-        default=0.05,
-        metadata={"help": "Dropout on the LoRA input (not on routers, whose update is applied to the weight)."},
+    r: int = lora_field("r")
+    alpha: float = lora_field("alpha")
+    dropout: float = lora_field(
+        "dropout", "Dropout on the LoRA input (not on routers, whose update is applied to the weight)."
     )
     targets: tuple[str, ...] = field(
         default=ALL_GROUPS, metadata={"help": "Module groups to adapt: attention, router, shared, experts."}
@@ -46,12 +77,7 @@ class SieveLoraConfig:
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.tokens):
             raise ValueError(f"tokens must be non-negative token ids, got {list(self.tokens)!r}")
         self.tokens = tuple(sorted(set(self.tokens)))
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not 0 < self.alpha < float("inf"):  # also refuses NaN
-            raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        LoraOptions(self.r, self.alpha, self.dropout)  # the shared checks
         unknown = [t for t in self.targets if t not in ALL_GROUPS]
         if unknown or not self.targets:
             raise ValueError(f"targets {list(self.targets)!r}: choose from {', '.join(ALL_GROUPS)}")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..adapters.config import LORA
 from ..adapters.export import export_formats_help
 from .common import DEFAULT_MODEL, JsonOpt, KOpt, ModelOpt, console, fail
 
@@ -22,8 +23,8 @@ def plan(
         str, typer.Option("--model", "-m", help="Hub id, model directory, or a config.json file.")
     ] = DEFAULT_MODEL,
     k: KOpt = "25%",
-    r: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 64.0,
+    r: Annotated[int, typer.Option(help="LoRA rank.")] = LORA.r,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = LORA.alpha,
     as_json: JsonOpt = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the repository's own config code.")] = False,
     method: Annotated[str, typer.Option(help="sieve, or routed (Routed-PEFT adapters).")] = "sieve",
@@ -108,8 +109,8 @@ def attach(
         Path | None, typer.Option("--selection", "-s", help="Selection JSON (needed for --experts selected).")
     ] = None,
     experts: Annotated[str, typer.Option(help="selected (MoE-Sieve), all (full LoRA) or none.")] = "selected",
-    r: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 64.0,
+    r: Annotated[int, typer.Option(help="LoRA rank.")] = LORA.r,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = LORA.alpha,
     targets: Annotated[
         str, typer.Option(help="Comma-separated module groups: attention,router,shared,experts.")
     ] = "attention,router,shared,experts",

@@ -35,21 +35,14 @@ def eval_command(
     parsing); every generation task also gets the gold completion's likelihood (gold_logprob, gold_prob)."""
     from .._io import atomic_write_json, ensure_writable
     from ..adapters import load_sieve_adapter
-    from ..evaluation import evaluate
+    from ..evaluation import EvalConfig, evaluate
     from ..evaluation.evaluate import check_eval_data
     from ..modeling import ModelSpec, load_model, load_tokenizer
 
     if out is not None:
         ensure_writable(out, overwrite, directory=False)
-    check_eval_data(data)  # a wrong --data fails before the model loads
-    spec = ModelSpec(model=model, device=device, trust_remote_code=trust_remote_code)
-    net, tokenizer = load_model(spec), load_tokenizer(spec)
-    if adapter is not None:
-        load_sieve_adapter(net, adapter)
-    result = evaluate(
-        net,
-        tokenizer,
-        data,
+    config = EvalConfig(
+        data=data,
         split=split,
         max_examples=max_examples,
         spider_dir=spider_dir,
@@ -57,6 +50,12 @@ def eval_command(
         max_new_tokens=max_new_tokens,
         keep_distinct=keep_distinct,
     )
+    check_eval_data(data)  # a wrong --data fails before the model loads
+    spec = ModelSpec(model=model, device=device, trust_remote_code=trust_remote_code)
+    net, tokenizer = load_model(spec), load_tokenizer(spec)
+    if adapter is not None:
+        load_sieve_adapter(net, adapter)
+    result = evaluate(net, tokenizer, config)
     norm = "" if result.accuracy_norm is None else f", normalised {result.accuracy_norm:.4f}"
     console.print(f"{result.task}: accuracy [bold]{result.accuracy:.4f}[/]{norm} on {result.n} examples")
     likelihood = {name: value for name, value in result.metrics.items() if name not in ("accuracy", "accuracy_norm")}

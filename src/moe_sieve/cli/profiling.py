@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..reporting import stats_table
+from ..selection import strategy_help
 from .common import DEFAULT_MODEL, DataOpt, JsonOpt, KOpt, ModelOpt, console, fail
 
 
@@ -186,13 +187,7 @@ def compare(
 def select(
     profile_dir: Annotated[Path, typer.Argument(help="Profile directory written by `moe-sieve profile`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Selection JSON file to write.")],
-    strategy: Annotated[
-        str,
-        typer.Option(
-            help="topk (the recipe), random (control), greedy (App. C), coverage (threshold), "
-            "hot+filler (top --hot plus random cold experts up to k, §7.3)."
-        ),
-    ] = "topk",
+    strategy: Annotated[str, typer.Option(help=f"How experts are chosen: {strategy_help()}.")] = "topk",
     k: KOpt = "25%",
     rank_by: Annotated[str, typer.Option(help="Rank experts by routed-token count or by routing mass.")] = "count",
     seed: Annotated[int, typer.Option(help="Seed of --strategy random and hot+filler.")] = 0,

@@ -1,26 +1,15 @@
-"""Loading a task's evaluation rows and dispatching to its metric (paper §5.1)."""
+"""Loading a task's evaluation rows and scoring them with the task's registered evaluator (paper §5.1)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ..data.tasks import TASKS, _format_rows, _load_task_rows, _select, check_selection_args, get_task
 from .common import EvalResult
-from .llm_adapters import TEST_SETS as LLM_ADAPTERS_TEST_SETS
-from .llm_adapters import TRAINING_MIXES as LLM_ADAPTERS_TRAINING_MIXES
-
-# Fine-tuning defaults to each task's train split; evaluation to its held-out one (HellaSwag's test split has
-# no labels, Spider's test databases are not public). LLM-Adapters keeps each test set in dataset/<name>/test.json.
-EVAL_SPLITS = {
-    "gsm8k": "test",
-    "facts": "test",
-    "hellaswag": "validation",
-    "spider": "validation",
-    **dict.fromkeys(LLM_ADAPTERS_TEST_SETS, "test"),
-}
-EVAL_TASKS = tuple(EVAL_SPLITS)
-DEFAULT_MAX_NEW_TOKENS = 128  # GSM8K and Spider; the LLM-Adapters sets use their scripts' budgets (32 / 256)
+from .config import EvalConfig
+from .registry import EVAL_TASKS, NOT_EVALUABLE, ScoreContext, get_eval_task
 
 
 def _parse_data(data: str) -> tuple[str, Path | None]:
@@ -35,17 +24,12 @@ def _parse_data(data: str) -> tuple[str, Path | None]:
                 "(a .jsonl/.json/.parquet/.csv file or a dataset directory in the hub schema)"
             )
         path = Path(rest)
-    if name in LLM_ADAPTERS_TRAINING_MIXES:
+    if name in NOT_EVALUABLE:
+        raise ValueError(f"--data {data!r}: {NOT_EVALUABLE[name]}")
+    spec = get_eval_task(name)
+    if path is None and spec.local_only is not None:
         raise ValueError(
-            f"--data {data!r}: {name} is an LLM-Adapters training mix (no single answer format); evaluate on its "
-            f"test sets instead: {', '.join(t for t in LLM_ADAPTERS_TEST_SETS if t.startswith(name[:4]))} (NAME:PATH)"
-        )
-    if name not in EVAL_SPLITS:
-        raise ValueError(f"task {name!r} has no evaluator; evaluable tasks: {', '.join(EVAL_TASKS)}")
-    if path is None and name in LLM_ADAPTERS_TEST_SETS:
-        raise ValueError(
-            f"--data {data!r}: the LLM-Adapters test sets are not on the Hugging Face hub; pass {name}:PATH "
-            "(dataset/<name>/test.json of github.com/AGI-Edgerunners/LLM-Adapters, or its folder)"
+            f"--data {data!r}: {name} is not on the Hugging Face hub; pass {name}:PATH ({spec.local_only})"
         )
     return name, path
 
@@ -69,7 +53,7 @@ def _resource_dir(name: str, path: Path | None, resource_dir: str | None) -> str
 
 def _eval_split(name: str, path: Path | None, split: str | None) -> str | None:
     """The split to read: as given, else the held-out one; a single file is its own split (None)."""
-    return (split or EVAL_SPLITS[name]) if path is None or path.is_dir() else split
+    return (split or get_eval_task(name).split) if path is None or path.is_dir() else split
 
 
 def load_task_rows(
@@ -102,71 +86,59 @@ def load_task_rows(
 def evaluate(
     model: Any,
     tokenizer: Any,
-    data: str,
+    data: str | EvalConfig,
     *,
     split: str | None = None,
     max_examples: int | None = None,
     spider_dir: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_new_tokens: int | None = None,
     timeout_s: float = 5.0,
-    keep_distinct: bool = False,
+    keep_distinct: bool | None = None,
     progress: bool = True,
     likelihood: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on ``data`` (``gsm8k``, ``hellaswag``, ``spider`` or ``TASK:PATH``, including the
     LLM-Adapters test sets ``commonsense-*:PATH`` / ``math-*:PATH``) with its metric.
 
-    ``max_new_tokens`` defaults to 128 for GSM8K and Spider, 4 for the facts task and to LLM-Adapters' own
-    budgets for its test sets. With ``likelihood`` (every task but HellaSwag, which already scores by
-    likelihood), the gold completions are also scored by teacher forcing (``evaluation.likelihood``): the
-    aggregates go to ``result.metrics``, each row's values to its prediction."""
-    from .facts import MAX_NEW_TOKENS as FACTS_MAX_NEW_TOKENS
-    from .facts import evaluate_facts
-    from .gsm8k import evaluate_gsm8k
-    from .hellaswag import evaluate_hellaswag
-    from .llm_adapters import evaluate_llm_adapters
-    from .spider import evaluate_spider
-
-    name, path = _parse_data(data)
-    spider_dir = _resource_dir(name, path, spider_dir)
-    task, rows = load_task_rows(data, split, max_examples, spider_dir=spider_dir)
-    budget = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-    if task in LLM_ADAPTERS_TEST_SETS:
-        result = evaluate_llm_adapters(
-            model, tokenizer, task, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
-        )
-    elif task == "gsm8k":
-        result = evaluate_gsm8k(model, tokenizer, rows, max_new_tokens=budget, batch_size=batch_size, progress=progress)
-    elif task == "facts":
-        result = evaluate_facts(
-            model,
-            tokenizer,
-            rows,
-            max_new_tokens=FACTS_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
-        )
-    elif task == "hellaswag":
-        result = evaluate_hellaswag(model, tokenizer, rows, batch_size=batch_size, progress=progress)
-    else:
-        assert spider_dir is not None  # load_task_rows refuses spider without its schemas
-        result = evaluate_spider(
-            model,
-            tokenizer,
-            rows,
-            spider_dir=spider_dir,
-            max_new_tokens=budget,
-            batch_size=batch_size,
-            timeout_s=timeout_s,
-            keep_distinct=keep_distinct,
-            progress=progress,
-        )
-    if likelihood and task != "hellaswag":
-        add_likelihoods(model, tokenizer, task, rows, result, batch_size=batch_size, progress=progress)
+    ``data`` is a data string or an :class:`EvalConfig`; the options given here (not None) set or override its
+    fields, the others keep ``EvalConfig``'s defaults. ``max_new_tokens`` defaults to the task's own budget
+    (``EVAL_TASKS[name].max_new_tokens``; LLM-Adapters' test sets have their scripts'). With ``likelihood`` (every
+    task whose metric is not a likelihood already, i.e. all but HellaSwag), the gold completions are also scored
+    by teacher forcing (``evaluation.likelihood``): the aggregates go to ``result.metrics``, each row's values to
+    its prediction."""
+    options = {
+        "split": split,
+        "max_examples": max_examples,
+        "spider_dir": spider_dir,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "keep_distinct": keep_distinct,
+    }
+    given = {name: value for name, value in options.items() if value is not None}
+    config = dataclasses.replace(data, **given) if isinstance(data, EvalConfig) else EvalConfig(data=data, **given)
+    if config.data is None:
+        raise ValueError("evaluate: no data to evaluate (EvalConfig.data is unset)")
+    name, path = _parse_data(config.data)
+    spec = get_eval_task(name)
+    resource_dir = _resource_dir(name, path, config.spider_dir)
+    task, rows = load_task_rows(config.data, config.split, config.max_examples, spider_dir=resource_dir)
+    context = ScoreContext(
+        task=task,
+        max_new_tokens=spec.budget(config.max_new_tokens),
+        batch_size=config.batch_size,
+        progress=progress,
+        resource_dir=resource_dir,
+        keep_distinct=config.keep_distinct,
+        timeout_s=timeout_s,
+    )
+    result = spec.score(model, tokenizer, rows, context)
+    if likelihood and spec.gold_likelihood:
+        add_likelihoods(model, tokenizer, task, rows, result, batch_size=config.batch_size, progress=progress)
     norm = {} if result.accuracy_norm is None else {"accuracy_norm": result.accuracy_norm}
     result.metrics = {"accuracy": result.accuracy, **norm, **result.metrics}
-    result.metadata.update({"data": data, "split": _eval_split(name, path, split), "max_examples": max_examples})
+    split_read = _eval_split(name, path, config.split)
+    result.metadata.update({"data": config.data, "split": split_read, "max_examples": config.max_examples})
     return result
 
 
@@ -181,8 +153,8 @@ def add_likelihoods(
     progress: bool,
 ) -> None:
     """Score each row's gold completion (as fine-tuning formats it) and record the per-row values in the
-    predictions (matched by ``source``) and the aggregates in ``result.metrics``."""
-    from .gsm8k import result_spans
+    predictions (matched by ``source``) and the aggregates in ``result.metrics``; a task with ``result_spans``
+    also gets the ``result_*`` metrics of those spans."""
     from .likelihood import likelihood_metrics, score_gold
 
     pairs = [(row["_prompt"], row["_completion"]) for row in rows]
@@ -192,7 +164,7 @@ def add_likelihoods(
         pairs,
         batch_size=batch_size,
         progress=progress,
-        result_spans=result_spans if task == "gsm8k" else None,
+        result_spans=get_eval_task(task).result_spans,
     )
     by_source = {row["_source"]: values for row, values in zip(rows, scored, strict=True)}
     for prediction in result.predictions:

@@ -13,6 +13,7 @@ from typing import Any
 from ..data.tasks import format_gsm8k
 from . import common
 from .common import EvalResult, cut_at, source_of
+from .registry import ScoreContext, register_eval_task
 
 STOPS = ("\n", "Question:")
 MAX_NEW_TOKENS = 4
@@ -79,3 +80,12 @@ def evaluate_facts(
             "max_new_tokens": max_new_tokens,
         },
     )
+
+
+def _score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ctx: ScoreContext) -> EvalResult:
+    return evaluate_facts(
+        model, tokenizer, rows, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, progress=ctx.progress
+    )
+
+
+register_eval_task("facts", _score, split="test", max_new_tokens=MAX_NEW_TOKENS)

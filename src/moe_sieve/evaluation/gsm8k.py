@@ -17,7 +17,9 @@ from typing import Any
 from ..data.tasks import format_gsm8k
 from . import common
 from .common import EvalResult, cut_at, source_of
+from .registry import ScoreContext, register_eval_task
 
+MAX_NEW_TOKENS = 128  # generation budget when none is given (the harness's zero-shot gsm8k: until "Question:")
 # lm_eval/tasks/gsm8k/gsm8k.yaml (0.4.x): filter_list and exact_match's regexes_to_ignore, in their order.
 STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -69,7 +71,7 @@ def evaluate_gsm8k(
     tokenizer: Any,
     rows: Sequence[Mapping[str, Any]],
     *,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 8,
     progress: bool = True,
 ) -> EvalResult:
@@ -125,3 +127,12 @@ def evaluate_gsm8k(
             "max_new_tokens": max_new_tokens,
         },
     )
+
+
+def _score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ctx: ScoreContext) -> EvalResult:
+    return evaluate_gsm8k(
+        model, tokenizer, rows, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size, progress=ctx.progress
+    )
+
+
+register_eval_task("gsm8k", _score, split="test", max_new_tokens=MAX_NEW_TOKENS, result_spans=result_spans)

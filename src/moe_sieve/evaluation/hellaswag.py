@@ -14,6 +14,7 @@ from typing import Any
 from ..data.tasks import format_hellaswag, preprocess_hellaswag
 from . import common
 from .common import EvalResult, source_of
+from .registry import ScoreContext, register_eval_task
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -81,3 +82,11 @@ def evaluate_hellaswag(
             "definition": "lm-evaluation-harness 0.4 hellaswag (acc, acc_norm)",
         },
     )
+
+
+def _score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ctx: ScoreContext) -> EvalResult:
+    return evaluate_hellaswag(model, tokenizer, rows, batch_size=ctx.batch_size, progress=ctx.progress)
+
+
+# HellaSwag's test split has no labels; scored by likelihood already, so no gold-likelihood pass
+register_eval_task("hellaswag", _score, split="validation", gold_likelihood=False)

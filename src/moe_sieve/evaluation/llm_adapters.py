@@ -20,6 +20,7 @@ from typing import Any
 from ..data.llm_adapters import COMMONSENSE_LABELS, MATH_SETS, alpaca_prompt, extract_answer, is_correct
 from . import common
 from .common import EvalResult, cut_at, source_of
+from .registry import ScoreContext, register_eval_task, register_not_evaluable
 
 STOPS = ("### Response:",)
 # LLM-Adapters' generation budgets: commonsense_evaluate.py max_new_tokens=32, evaluate.py (math) 256.
@@ -129,4 +130,33 @@ def evaluate_llm_adapters(
             "definition": definition(task),
             "max_new_tokens": max_new_tokens,
         },
+    )
+
+
+def _score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ctx: ScoreContext) -> EvalResult:
+    return evaluate_llm_adapters(
+        model,
+        tokenizer,
+        ctx.task,
+        rows,
+        max_new_tokens=ctx.max_new_tokens,
+        batch_size=ctx.batch_size,
+        progress=ctx.progress,
+    )
+
+
+for _name in TEST_SETS:  # LLM-Adapters keeps each test set in dataset/<name>/test.json, not on the hub
+    register_eval_task(
+        _name,
+        _score,
+        split="test",
+        max_new_tokens=default_max_new_tokens(_name),
+        local_only="an LLM-Adapters test set: dataset/<name>/test.json of github.com/AGI-Edgerunners/LLM-Adapters, "
+        "or its folder",
+    )
+for _mix in TRAINING_MIXES:
+    register_not_evaluable(
+        _mix,
+        f"{_mix} is an LLM-Adapters training mix (no single answer format); evaluate on its test sets instead: "
+        f"{', '.join(t for t in TEST_SETS if t.startswith(_mix[:4]))} (NAME:PATH)",
     )

@@ -32,9 +32,11 @@ from typing import Any
 from ..data.tasks import get_task
 from . import common
 from .common import EvalResult, source_of
+from .registry import ScoreContext, register_eval_task
 
 # Generation stops at the end of the first statement: a ';', a blank line or a new SQL comment.
 STOPS = (";", "\n\n", "\n--")
+MAX_NEW_TOKENS = 128  # generation budget when none is given
 MAX_RESULT_ROWS = 200_000  # a runaway cross join fails instead of filling RAM
 MAX_RESULT_BYTES = 64 * 2**20
 MEMORY_LIMIT_BYTES = 2 * 2**30  # the child's address space (RLIMIT_AS)
@@ -284,7 +286,7 @@ def evaluate_spider(
     rows: Sequence[Mapping[str, Any]],
     *,
     spider_dir: str | Path,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 8,
     timeout_s: float = 5.0,
     keep_distinct: bool = False,
@@ -345,3 +347,23 @@ def evaluate_spider(
             "timeout_s": timeout_s,
         },
     )
+
+
+def _score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ctx: ScoreContext) -> EvalResult:
+    if ctx.resource_dir is None:  # load_task_rows refuses Spider rows without their schemas first
+        raise ValueError("spider: evaluation needs the Spider folder (tables.json, database/); pass --spider-dir")
+    return evaluate_spider(
+        model,
+        tokenizer,
+        rows,
+        spider_dir=ctx.resource_dir,
+        max_new_tokens=ctx.max_new_tokens,
+        batch_size=ctx.batch_size,
+        timeout_s=ctx.timeout_s,
+        keep_distinct=ctx.keep_distinct,
+        progress=ctx.progress,
+    )
+
+
+# Spider's test databases are not public: the held-out split is validation
+register_eval_task("spider", _score, split="validation", max_new_tokens=MAX_NEW_TOKENS)

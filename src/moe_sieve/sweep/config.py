@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .._io import fingerprint
+from ..evaluation.config import EvalConfig
 from ..training.config import TrainConfig
 
 # TrainConfig fields a condition may not set: the sweep owns them (one directory and one seed per run).
@@ -63,15 +64,12 @@ def _check_metrics(value: Any, source: str) -> list[str]:
 
 
 @dataclass
-class EvalSettings:
-    """Held-out evaluation after training (``moe-sieve eval`` options)."""
+class EvalSettings(EvalConfig):
+    """Held-out evaluation after training: ``moe-sieve eval``'s options (:class:`EvalConfig`, the same defaults
+    and checks) with the sweep's defaults for ``data`` and ``batch_size``, plus ``also``."""
 
     data: str | None = _help("Evaluation data (default: the task's training data, at its held-out split).", None)
-    split: str | None = _help("Split to score (default: the task's held-out split).", None)
-    max_examples: int | None = _help("Score at most this many examples.", None)
     batch_size: int = _help("Prompts per batch.", 16)
-    max_new_tokens: int = _help("Generation budget (GSM8K, Spider).", 128)
-    spider_dir: str | None = _help("Spider directory (tables.json, database/).", None)
     also: dict[str, str] | None = _help(
         "Further evaluation data scored by the same trained model, name -> data string (e.g. the facts task's "
         "paraphrase split); results.csv gets NAME_METRIC columns (paraphrase_gold_prob, ...).",
@@ -79,20 +77,20 @@ class EvalSettings:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, data in (self.also or {}).items():
             if not str(name).isidentifier() or not isinstance(data, str) or not data:
                 raise ValueError(
                     f"eval also: {name!r} -> {data!r} must map a name (letters, digits, _) to a data string"
                 )
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"eval max_examples must be >= 1, got {self.max_examples}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("eval batch_size and max_new_tokens must be >= 1")
 
     @classmethod
     def from_dict(cls, data: Any, where: str, base: EvalSettings | None = None) -> EvalSettings:
         merged = {**(dataclasses.asdict(base) if base else {}), **_check_keys(cls, data or {}, where)}
-        return cls(**merged)
+        try:
+            return cls(**merged)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json
-from .config import RunSpec
+from .config import EvalSettings, RunSpec
 
 RUN_FILE = "run.json"  # the resolved RunSpec, written before the run starts
 EVAL_FILE = "eval.json"  # written last: its presence (complete, same fingerprint) marks a finished run
@@ -50,14 +50,35 @@ def _same_settings(run_dir: Path, spec: RunSpec) -> bool:
     """Settings equal up to options added to ``train`` or ``eval`` since the run was made (absent there,
     default here), so a new TrainConfig or EvalSettings field does not turn every finished run into a stale one."""
     from ..training import TrainConfig
-    from .config import EvalSettings
 
     stored = _read_json(run_dir / RUN_FILE)
     if stored is None:
         return False
+    old_eval = stored.get("eval")
+    if isinstance(old_eval, dict) and old_eval.get("max_new_tokens") != spec.eval.get("max_new_tokens"):
+        # a run recorded with the sweep's former fixed 128 is the same run where that is the task's own budget
+        budgets = _generation_budgets(old_eval)
+        if budgets is not None and budgets == _generation_budgets(spec.eval):
+            old_eval = {**old_eval, "max_new_tokens": spec.eval.get("max_new_tokens")}
     return _same_up_to_new_defaults(stored.get("train"), spec.train, TrainConfig) and _same_up_to_new_defaults(
-        stored.get("eval"), spec.eval, EvalSettings
+        old_eval, spec.eval, EvalSettings
     )
+
+
+def _generation_budgets(settings: dict[str, Any]) -> dict[str, int | None] | None:
+    """The generation budget of each evaluation of a run (its data and each ``also``; None for a task that does
+    not generate), as ``evaluate`` resolves it; None where the settings cannot be read."""
+    from ..evaluation.evaluate import check_eval_data
+    from ..evaluation.registry import get_eval_task
+
+    datasets = {"": settings.get("data"), **(settings.get("also") or {})}
+    try:
+        return {
+            name: get_eval_task(check_eval_data(data)).budget(settings.get("max_new_tokens"))
+            for name, data in datasets.items()
+        }
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _same_up_to_new_defaults(old: Any, new: dict[str, Any], cls: type) -> bool:
@@ -83,7 +104,10 @@ def train_and_evaluate(
     tokenizer: Any = None,
     progress: bool = False,
 ) -> tuple[Any, Any]:
-    """``train`` then ``evaluate`` on the trained model (already in memory, adapters attached)."""
+    """``train`` then ``evaluate`` on the trained model (already in memory, adapters attached); ``eval_settings``
+    holds :class:`EvalSettings` fields (absent ones take their defaults)."""
+    import dataclasses
+
     from ..evaluation import evaluate
     from ..modeling import ModelSpec, load_model, load_tokenizer
     from ..training import train
@@ -103,18 +127,10 @@ def train_and_evaluate(
     result.metrics.setdefault("moe_layers", len(find_moe_layers(model)))
     model.eval()
 
+    settings = EvalSettings.from_json(eval_settings)
+
     def score(data: str, split: str | None) -> Any:
-        return evaluate(
-            model,
-            tokenizer,
-            data,
-            split=split,
-            max_examples=eval_settings.get("max_examples"),
-            spider_dir=eval_settings.get("spider_dir"),
-            batch_size=eval_settings.get("batch_size", 16),
-            max_new_tokens=eval_settings.get("max_new_tokens", 128),
-            progress=progress,
-        )
+        return evaluate(model, tokenizer, dataclasses.replace(settings, data=data, split=split), progress=progress)
 
     evaluation = score(eval_settings["data"], eval_settings.get("split"))
     evaluation.metadata["also"] = {

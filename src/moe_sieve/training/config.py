@@ -13,8 +13,18 @@ from typing import Any
 
 import yaml
 
-STRATEGIES = ("full", "topk", "random", "greedy", "coverage", "hot+filler", "none")
+from ..adapters.config import LoraOptions, lora_field
+from ..selection import STRATEGIES as SELECTION_STRATEGIES
+from ..selection import strategy_help
+
+# Train-level choices beside the selection strategies: which experts get adapters when none are selected.
+EXPERTS_WITHOUT_SELECTION = {"full": "all", "none": "none"}
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def train_strategies() -> tuple[str, ...]:
+    """What ``--strategy`` accepts: full (every expert), each registered selection strategy, none."""
+    return ("full", *SELECTION_STRATEGIES, "none")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -78,7 +88,9 @@ class TrainConfig:
     max_examples: int | None = _help("Train on at most this many examples.", None)
     spider_dir: str | None = _help("Spider directory holding tables.json.", None)
     # selection
-    strategy: str = _help("full (LoRA on all experts), topk (MoE-Sieve), random, greedy, coverage, none.", "topk")
+    strategy: str = _help(
+        f"full (LoRA on all experts), a selection strategy: {strategy_help()}; or none (no routed expert).", "topk"
+    )
     k: str = _help("Experts per layer: a count or a share of the routed experts.", "25%")
     rank_by: str = _help("Rank experts by routed-token count or routing mass.", "count")
     selection: str | None = _help("Use this selection JSON instead of profiling.", None)
@@ -88,9 +100,9 @@ class TrainConfig:
     min_per_layer: int | None = _help("Greedy: experts every layer starts with (default: the model's top-k).", None)
     hot: str | None = _help("hot+filler: top experts kept per layer, a count or share (default: half of k).", None)
     # LoRA
-    r: int = _help("LoRA rank.", 32)
-    alpha: float = _help("LoRA alpha.", 64.0)
-    dropout: float = _help("LoRA dropout.", 0.05)
+    r: int = lora_field("r", "LoRA rank (routed: also the parallel adapter's width); one default for both methods.")
+    alpha: float = lora_field("alpha", "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = lora_field("dropout", "LoRA dropout.")
     targets: tuple[str, ...] = _help("Module groups to adapt.", ("attention", "router", "shared", "experts"))
     train_tokens: str = _help(
         "Also train the input-embedding and output-head rows of these tokens (row deltas saved with the adapter): "
@@ -151,8 +163,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         self.targets = tuple(self.targets)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.strategy not in train_strategies():
+            raise ValueError(f"--strategy {self.strategy!r}: choose one of {', '.join(train_strategies())}")
+        LoraOptions(self.r, self.alpha, self.dropout)  # the shared checks, before any model loads
         if self.rank_by not in ("count", "mass"):
             raise ValueError(f"--rank-by must be count or mass, got {self.rank_by!r}")
         if self.overflow not in ("truncate", "drop"):
@@ -164,7 +177,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_length < 2:
             raise ValueError("--max-length must be >= 2: a causal LM learns a token only from the tokens before it")
-        if self.strategy in ("topk", "random", "greedy", "hot+filler"):
+        if self.strategy in SELECTION_STRATEGIES and SELECTION_STRATEGIES[self.strategy].uses_k:
             from ..stats import check_k
 
             check_k(self.k, "--k")
@@ -223,7 +236,7 @@ class TrainConfig:
             num_adapters=self.num_adapters,
             top_k=self.top_k_adapters,
             aux_loss_coef=self.aux_loss_coef,
-            experts="all" if self.strategy == "full" else "selected",
+            experts="all" if EXPERTS_WITHOUT_SELECTION.get(self.strategy) == "all" else "selected",
             seed=self.seed,
         )
 
@@ -231,7 +244,7 @@ class TrainConfig:
     def experts_mode(self) -> str:
         if self.method == "routed" and str(self.variant).upper() != "E":
             return "none"  # S/D/R need no selection
-        return {"full": "all", "none": "none"}.get(self.strategy, "selected")
+        return EXPERTS_WITHOUT_SELECTION.get(self.strategy, "selected")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -33,7 +33,7 @@ from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from ..profiling import Profile, profile_model
 from ..profiling.profiler import profile_examples
-from ..selection import Selection, make_selection
+from ..selection import Selection, get_strategy, make_selection, strategy_settings
 from .config import TrainConfig
 from .convergence import convergence, loss_curve
 from .fused_loss import FusedLinearCrossEntropy, choose_fused_ce
@@ -73,8 +73,9 @@ RESUMABLE_SETTINGS = (
     "packing",  # packing and the fused loss change how the loss is computed, not its value
     "fused_ce",
 )
-# Settings that decide the selection (and so the adapter's shape): recorded as one fingerprint.
-SELECTION_SETTINGS = (
+# Settings that decide the selection (and so the adapter's shape), recorded as one fingerprint: the data and
+# profiling inputs below, then the options the registered strategies read (selection.strategy_settings()).
+SELECTION_INPUTS = (
     "model",
     "data",
     "split",
@@ -86,11 +87,19 @@ SELECTION_SETTINGS = (
     "selection",
     "profile",
     "profile_subsample",
-    "coverage",
-    "min_per_layer",
     "seed",
     "max_length",
 )
+# Frozen: the strategy options fingerprinted always, as before the list was derived. Any other (hot, or a newly
+# registered strategy's) is fingerprinted only when set, so runs that do not use it keep their recorded fingerprint.
+_FINGERPRINTED_ALWAYS = ("coverage", "min_per_layer")
+
+
+def selection_settings() -> tuple[str, ...]:
+    """The TrainConfig fields that decide the selection (``SELECTION_INPUTS`` and every strategy's options)."""
+    return tuple(dict.fromkeys((*SELECTION_INPUTS, *strategy_settings())))
+
+
 RUN_ARTIFACTS = ("config.json", *STAGE_OUTPUTS)
 
 
@@ -109,7 +118,12 @@ def _file_digest(path: str | None) -> str | None:
 
 
 def selection_fingerprint(config: TrainConfig) -> str:
-    settings = {name: getattr(config, name) for name in SELECTION_SETTINGS}
+    settings = {name: getattr(config, name) for name in selection_settings()}
+    settings = {
+        name: value
+        for name, value in settings.items()
+        if value is not None or name in SELECTION_INPUTS or name in _FINGERPRINTED_ALWAYS
+    }
     settings["selection_content"] = _file_digest(config.selection)
     settings["profile_content"] = _file_digest(config.profile)
     return fingerprint(settings)
@@ -300,7 +314,7 @@ def _given_inputs(config: TrainConfig, model: Any) -> tuple[Selection | None, Pr
     shape = MoEShape.of(find_moe_layers(model))
     if config.experts_mode != "selected":
         return None, None
-    if config.strategy in ("topk", "random", "greedy"):
+    if get_strategy(config.strategy).uses_k:
         try:
             resolve_k(config.k, shape.num_experts)
         except (TypeError, ValueError) as err:
@@ -345,7 +359,7 @@ def _selection_for(
     if selection is None and resume and selection_path.exists():
         selection = Selection.load(selection_path)
     if selection is None:
-        if profile is None and config.strategy != "random":
+        if profile is None and get_strategy(config.strategy).uses_scores:
             rng = np.random.default_rng(config.seed)
             count = max(1, math.floor(config.profile_subsample * len(examples) + 0.5))
             picked = sorted(rng.choice(len(examples), size=count, replace=False).tolist())

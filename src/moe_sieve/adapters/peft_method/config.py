@@ -14,7 +14,8 @@ from typing import Any
 
 from peft import PeftConfig
 
-from ..config import ALL_GROUPS, SieveLoraConfig
+from ...selection import STRATEGIES
+from ..config import ALL_GROUPS, SieveLoraConfig, lora_field
 from ..routed.config import RoutedAdapterConfig
 from ._registry import SIEVE, SIEVE_ROUTED
 
@@ -103,11 +104,13 @@ class SieveConfig(PeftConfig):
     )
     profile: Any = _f(None, "A profile directory (or Profile): select with k= from it, and/or report coverage.")
     k: Any = _f(None, "Experts per layer to select from profile= (an int, or a share such as '25%').")
-    strategy: str = _f("topk", "Selection strategy with profile= (topk, coverage, greedy, random, hot+filler).")
+    strategy: str = _f("topk", f"Selection strategy with profile= ({', '.join(STRATEGIES)}).")
     rank_by: str = _f("count", "Rank experts by routing count or mass (profile= only).")
-    r: int = _f(32, "LoRA rank.")
-    lora_alpha: float = _f(64.0, "LoRA alpha; the update is scaled by lora_alpha / r.")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input (routers get none: their update acts on the weight).")
+    r: int = lora_field("r")
+    lora_alpha: float = lora_field("alpha", "LoRA alpha; the update is scaled by lora_alpha / r.")
+    lora_dropout: float = lora_field(
+        "dropout", "Dropout on the LoRA input (routers get none: their update acts on the weight)."
+    )
     targets: list[str] = _f(
         None, "Module groups: attention, router, shared, experts.", factory=lambda: list(ALL_GROUPS)
     )
@@ -194,9 +197,9 @@ class RoutedConfig(PeftConfig):
     task_type: str | None = _f("CAUSAL_LM", "PEFT task type (CAUSAL_LM wraps the model in PeftModelForCausalLM).")
     variant: str = _f("E", "S (shared), D (N dense), R (N routed by a new router), E (one per routed expert).")
     adapter_type: str = _f("lora", "lora: s B A x; parallel: W2 SiLU(W1 x).")
-    r: int = _f(8, "LoRA rank, or the bottleneck width of the parallel adapter.")
-    lora_alpha: float = _f(16.0, "LoRA alpha (lora type only).")
-    lora_dropout: float = _f(0.05, "Dropout on the adapter input (lora) or bottleneck (parallel).")
+    r: int = lora_field("r", "LoRA rank, or the bottleneck width of the parallel adapter (shared default).")
+    lora_alpha: float = lora_field("alpha", "LoRA alpha (lora type only).")
+    lora_dropout: float = lora_field("dropout", "Dropout on the adapter input (lora) or bottleneck (parallel).")
     num_adapters: int = _f(4, "N: adapters per MoE layer for D and R.")
     top_k: int = _f(2, "K: adapters per token for R.")
     aux_loss_coef: float = _f(0.01, "Weight of R's load-balancing loss added to the LM loss.")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ..config import LoraOptions, lora_field
+
 Variant = Literal["S", "D", "R", "E"]
 AdapterType = Literal["lora", "parallel"]
 VARIANTS: tuple[str, ...] = ("S", "D", "R", "E")
@@ -28,9 +30,15 @@ class RoutedAdapterConfig:
 
     variant: str = _f("E", "S (shared), D (N dense), R (N routed by a new router), E (one per routed expert).")
     adapter_type: str = _f("lora", "lora: s B A x (D -> r -> D, s = alpha / r); parallel: W2 SiLU(W1 x) (D -> r -> D).")
-    r: int = _f(8, "LoRA rank, or the bottleneck width of the parallel adapter.")
-    alpha: float = _f(16.0, "LoRA alpha (lora type only; the paper uses alpha = 2r).")
-    dropout: float = _f(0.05, "Dropout on the adapter input (lora) or bottleneck (parallel), as the released code.")
+    r: int = lora_field(
+        "r",
+        "LoRA rank, or the bottleneck width of the parallel adapter. The shared LoRA default (LoraOptions: 32, as "
+        "sieve LoRA and `train --method routed`); the PERFT papers' runs use 8 with alpha 16.",
+    )
+    alpha: float = lora_field("alpha", "LoRA alpha (lora type only; the shared default is 2r, as the paper's).")
+    dropout: float = lora_field(
+        "dropout", "Dropout on the adapter input (lora) or bottleneck (parallel), as the released code."
+    )
     num_adapters: int = _f(4, "N: adapters per MoE layer for D and R (S has 1, E one per adapted expert).")
     top_k: int = _f(2, "K: adapters per token for R (K = N: dense soft mixture).")
     aux_loss_coef: float = _f(0.01, "Weight of R's Switch-style load-balancing loss added to the LM loss.")
@@ -48,12 +56,7 @@ class RoutedAdapterConfig:
             raise ValueError(f"--variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if self.adapter_type not in ADAPTER_TYPES:
             raise ValueError(f"--adapter-type {self.adapter_type!r}: choose one of {', '.join(ADAPTER_TYPES)}")
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"--r must be a positive integer, got {self.r!r}")
-        if not 0 < self.alpha < float("inf"):  # also refuses NaN
-            raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+        LoraOptions(self.r, self.alpha, self.dropout)  # the shared checks
         if self.variant == "S":
             self.num_adapters = 1
         if not isinstance(self.num_adapters, int) or self.num_adapters < 1:
