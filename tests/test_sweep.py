@@ -531,3 +531,19 @@ def test_ctrl_c_on_a_real_sweep_interrupts_it_and_the_rerun_continues(tmp_path):
     assert (first / "run.json").exists()
     metrics = json.loads((first / "metrics.json").read_text())
     assert metrics["steps"] == 40 and len(metrics["segments"]) == 2
+
+
+def test_ctrl_c_in_a_study_names_the_study_command(monkeypatch, tmp_path):
+    """An interrupted study says to rerun the study (its preset and --out), not a sweep of a file it never named."""
+    from moe_sieve.sweep import runner, study
+
+    preset = _write(tmp_path, _sweep_dict(seeds=(0,)))
+    monkeypatch.setattr(runner, "prepare", lambda *args: None)
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_local", cut)
+    out = tmp_path / "study"
+    with pytest.raises(runner.SweepInterrupted, match=rf"`moe-sieve study --preset {preset} --out {out}` again"):
+        study.run_study(str(preset), out, log=lambda line: None)

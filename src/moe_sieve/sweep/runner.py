@@ -23,6 +23,7 @@ class SweepOptions:
     jobs: int = 1
     cluster: str | None = None  # submitit: None (SLURM when available, else local), slurm, local, debug
     submitit_parameters: dict[str, Any] | None = None
+    continue_command: str | None = None  # what Ctrl-C tells the user to rerun (default: the sweep command)
     overwrite: bool = False  # redo finished runs whose settings changed
 
     def __post_init__(self) -> None:
@@ -133,9 +134,10 @@ def run_sweep(
         except KeyboardInterrupt:
             rows = gather(runs, out)
             counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "interrupted", "pending")}
+            again = options.continue_command or f"moe-sieve sweep {config.source} --out {out}"
             raise SweepInterrupted(
                 f"sweep interrupted: {counts['finished']} runs finished, {counts['interrupted']} interrupted, "
-                f"{counts['pending']} not started; run `moe-sieve sweep {config.source} --out {out}` again to "
+                f"{counts['pending']} not started; run `{again}` again to "
                 "continue (finished runs are kept, interrupted ones resume from their last checkpoint)"
             ) from None
     else:

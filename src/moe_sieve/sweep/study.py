@@ -3,6 +3,7 @@ seeds, k sweep), then the statistics table and the report when those modules are
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,9 @@ def run_study(
     started = time.perf_counter()
     config = SweepConfig.from_yaml(preset_path(preset))
     out = Path("runs") / config.name if out is None else Path(out)
+    options = dataclasses.replace(
+        options or SweepOptions(), continue_command=f"moe-sieve study --preset {preset} --out {out}"
+    )
     rows = run_sweep(config, out, options, log)
     summary: dict[str, Any] = {
         "preset": preset,
