@@ -28,10 +28,5 @@ def build_sections(
     data = load_study(study_dir, k=k, stability_trials=stability_trials)
     sections = results_sections(data, reference, margins, metric=metric, unit=unit, k=k)
     sections += profiling_sections(data)
-    allocation = allocation_section(data)
-    if allocation is not None:
-        sections.append(allocation)
-    drift = drift_section(data)
-    if drift is not None:
-        sections.append(drift)
+    sections += [s for s in (allocation_section(data), drift_section(data)) if s is not None]
     return sections, data

@@ -106,12 +106,7 @@ def results_sections(
     note = unit_note(info)
     unit_text = {"pp": "percentage points", "nats": "nats"}.get(ctx.unit, "the column's own units")
 
-    claims = claims_section(ctx, k)
-    if claims:
-        sections.append(claims)
-    forest = forest_section(ctx)
-    if forest:
-        sections.append(forest)
+    sections += [s for s in (claims_section(ctx, k), forest_section(ctx)) if s]
 
     acc = Section(
         "accuracy",
@@ -192,18 +187,10 @@ def results_sections(
         )
         sections.append(std_sec)
 
-    curves = curves_section(data)
-    if curves:
-        sections.append(curves)
-    cost = cost_section(data, ref)
-    if cost:
-        sections.append(cost)
-    sweep = sweep_section(ctx)
-    if sweep:
-        sections.append(sweep)
-    controls = controls_section(ctx)
-    if controls:
-        sections.append(controls)
+    # each below is None when the study has nothing for it
+    sections += [
+        s for s in (curves_section(data), cost_section(data, ref), sweep_section(ctx), controls_section(ctx)) if s
+    ]
     return sections
 
 
