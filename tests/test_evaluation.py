@@ -225,7 +225,7 @@ def test_hellaswag_argmax_and_length_normalisation(monkeypatch, tiny_model, toke
         # Row 1: ending 0 wins either way.
         return [-2.0, -5.1, -8.0, -9.0, -1.0, -6.0, -7.0, -8.0]
 
-    monkeypatch.setattr(common, "_score_continuations", fake_scores)
+    monkeypatch.setattr(common, "score_continuations", fake_scores)
     result = evaluate_hellaswag(tiny_model, tokenizer, HELLASWAG_ROWS, progress=False)
     assert seen[:2] == [("Cooking: She cracks an egg", " a"), ("Cooking: She cracks an egg", " into the hot pan.")]
     assert seen[4] == (format_hellaswag(HELLASWAG_ROWS[1])[0], " and walks in.")
@@ -238,7 +238,7 @@ def test_hellaswag_argmax_and_length_normalisation(monkeypatch, tiny_model, toke
 def test_hellaswag_logprob_scorer_matches_full_forward(tiny_model, tokenizer):
     context = "Cooking: She cracks an egg"
     endings = [" into the hot pan.", " a", " and then sings loudly"]
-    scores = common._score_continuations(tiny_model, tokenizer, [(context, e) for e in endings], 2, progress=False)
+    scores = common.score_continuations(tiny_model, tokenizer, [(context, e) for e in endings], 2, progress=False)
     for ending, score in zip(endings, scores, strict=True):
         ctx_ids = tokenizer(context)["input_ids"]
         ids = ctx_ids + tokenizer(ending, add_special_tokens=False)["input_ids"]

@@ -214,6 +214,16 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: unreadable safetensors file, truncated or corrupt? ({err})") from None
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable, not JSON or not an object (a run
+    directory's records are optional, and a half-written one reads as absent)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_csv_rows(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """A CSV table's columns and its ``(line, row)`` pairs, read strictly: binary or non-UTF-8 content, an empty
     file and a row with more or fewer fields than the header are errors naming the file (and line)."""
@@ -314,18 +324,21 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, *, keep_others:
         if keep_others and path.is_dir():
             for entry in path.iterdir():
                 if not (tmp / entry.name).exists():
-                    _link_or_copy(entry, tmp / entry.name)
+                    link_or_copy(entry, tmp / entry.name)
         fault_point("atomic-dir-swap")
         swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     if src.is_dir() and not src.is_symlink():
         shutil.copytree(src, dst, symlinks=True, copy_function=_link_file)
     else:
         _link_file(src, dst)
+
+
+_link_or_copy = link_or_copy  # issue 19: still imported under this name on branch methods; drop it at merge
 
 
 def _link_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -446,7 +446,7 @@ def make_selection(
     )
 
 
-def _compact(ids: Sequence[int]) -> str:
+def compact_ids(ids: Sequence[int]) -> str:
     """Expert ids as ranges: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
     parts: list[str] = []
     ids = sorted(ids)
@@ -458,6 +458,9 @@ def _compact(ids: Sequence[int]) -> str:
         parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+_compact = compact_ids  # issue 19: still imported under this name on branch methods; drop it at merge
 
 
 def selection_coverage(selection: Selection, counts_LE: Any, layer_ids: Sequence[int] | None = None) -> dict:
@@ -495,7 +498,7 @@ def selection_table(selection: Selection, counts_LE: Any = None, layer_ids: Sequ
     if cov is not None:
         table.add_column("coverage %", justify="right")
     for layer, ids in selection.experts.items():
-        row = [str(layer), str(len(ids)), _compact(ids)]
+        row = [str(layer), str(len(ids)), compact_ids(ids)]
         if cov is not None:
             row.append(f"{100 * cov[layer]:.1f}")
         table.add_row(*row)

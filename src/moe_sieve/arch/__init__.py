@@ -1,14 +1,12 @@
 """Model-family registry: routers, routed and shared experts, and storage layouts."""
 
+from . import families  # noqa: F401  (registers the built-in families)
+from .layers import MoELayer, MoEShape, config_fingerprint, find_moe_layers
 from .registry import (
     ARCHS,
     ArchSpec,
     ExpertLayout,
-    MoELayer,
-    MoEShape,
     UnsupportedModelError,
-    config_fingerprint,
-    find_moe_layers,
     get_arch,
     read_routing,
     register_arch,

@@ -18,11 +18,11 @@ from .calibration import pad_token_id_for, tokenize_example
 from .tasks import (
     TASKS,
     Example,
-    _select,
-    _single_file_split,
     check_selection_args,
     iter_jsonl_objects,
     load_examples,
+    select_indices,
+    single_file_split_message,
 )
 
 Overflow = Literal["truncate", "drop"]
@@ -133,7 +133,7 @@ def load_sft_examples(
             data, split=split, max_examples=max_examples, subsample=subsample, seed=seed, spider_dir=spider_dir
         )
     if split is not None:
-        raise ValueError(_single_file_split(split, path))
+        raise ValueError(single_file_split_message(split, path))
     check_selection_args(subsample, max_examples)
     if tokenizer is None:
         raise ValueError(f"{path}: chat 'messages' rows need a tokenizer (its chat template renders them)")
@@ -142,7 +142,7 @@ def load_sft_examples(
             f"{path}: chat 'messages' rows need a chat template, and this tokenizer has none; use a chat "
             "(instruct) model's tokenizer, set tokenizer.chat_template, or write 'prompt'+'completion' rows"
         )
-    selected = [rows[i] for i in _select(len(rows), subsample, max_examples, seed)]
+    selected = [rows[i] for i in select_indices(len(rows), subsample, max_examples, seed)]
     return [chat_example(messages, tokenizer, f"{path}:{line_no}") for line_no, messages in selected]
 
 

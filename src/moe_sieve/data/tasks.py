@@ -244,7 +244,7 @@ register_task(
 # --- loading ----------------------------------------------------------------------------------------------
 
 
-def _select(n: int, subsample: float | None, max_examples: int | None, seed: int) -> list[int]:
+def select_indices(n: int, subsample: float | None, max_examples: int | None, seed: int) -> list[int]:
     """Indices kept by ``subsample`` (seeded, original order) and then ``max_examples``."""
     indices = np.arange(n)
     if subsample is not None and subsample < 1:
@@ -255,7 +255,7 @@ def _select(n: int, subsample: float | None, max_examples: int | None, seed: int
     return [int(i) for i in indices]
 
 
-def _format_rows(
+def format_rows(
     rows: Iterable[Mapping[str, Any]], indices: list[int], origin: str, spec: TaskSpec, fmt: RowFormatter
 ) -> list[Example]:
     examples = []
@@ -275,11 +275,11 @@ def _format_rows(
     return examples
 
 
-def _single_file_split(split: str, path: Path) -> str:
+def single_file_split_message(split: str, path: Path) -> str:
     return f"--split {split} needs a hub task or a dataset directory; {path} is a single file"
 
 
-def _load_task_rows(spec: TaskSpec, path: Path | None, split: str | None) -> tuple[Any, str]:
+def load_task_dataset(spec: TaskSpec, path: Path | None, split: str | None) -> tuple[Any, str]:
     """The ``datasets.Dataset`` of a task (hub, local file or local directory) and its origin label."""
     import datasets
 
@@ -300,7 +300,7 @@ def _load_task_rows(spec: TaskSpec, path: Path | None, split: str | None) -> tup
         origin = f"{path}[{split}]"
         return _read_dataset(f"could not load split {split!r} from {path}", str(path), split=split), origin
     if split is not None:
-        raise ValueError(_single_file_split(split, path))
+        raise ValueError(single_file_split_message(split, path))
     builder = LOCAL_FORMATS.get(path.suffix.lower())
     if builder is None:
         formats = ", ".join(LOCAL_FORMATS)
@@ -353,7 +353,7 @@ def _load_task(
         if (folder / spec.resource_file).is_file():
             resource_dir = str(folder)
     fmt = spec.formatter(resource_dir)
-    dataset, origin = _load_task_rows(spec, path, split)
+    dataset, origin = load_task_dataset(spec, path, split)
     if len(dataset) == 0:
         raise ValueError(f"{origin}: no examples")
     for field in spec.required_fields:
@@ -366,8 +366,8 @@ def _load_task(
         rows = [i for i, value in enumerate(dataset[spec.skip_blank]) if value is not None and str(value).strip()]
         if not rows:
             raise ValueError(f"{origin}: no examples (every {spec.skip_blank!r} is blank)")
-    indices = [rows[i] for i in _select(len(rows), subsample, max_examples, seed)]
-    return _format_rows(dataset.select(indices), indices, origin, spec, fmt)
+    indices = [rows[i] for i in select_indices(len(rows), subsample, max_examples, seed)]
+    return format_rows(dataset.select(indices), indices, origin, spec, fmt)
 
 
 def iter_jsonl_objects(path: Path, hint: str = "") -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -443,11 +443,11 @@ def load_examples(
     path = Path(data)
     if path.is_file() and path.suffix.lower() == ".jsonl":
         if split is not None:
-            raise ValueError(_single_file_split(split, path))
+            raise ValueError(single_file_split_message(split, path))
         examples = read_jsonl(path)
         if not examples:
             raise ValueError(f"{path}: no examples (the file is empty)")
-        return [examples[i] for i in _select(len(examples), subsample, max_examples, seed)]
+        return [examples[i] for i in select_indices(len(examples), subsample, max_examples, seed)]
     if path.exists():
         raise ValueError(
             f"{path}: generic local data must be a .jsonl file with 'text' or 'prompt'+'completion' per "
@@ -457,7 +457,3 @@ def load_examples(
         f"--data {data!r} is neither a registered task ({', '.join(sorted(TASKS))}), TASK:PATH, nor an "
         "existing local .jsonl file ('text' or 'prompt'+'completion' per line)"
     )
-
-
-from . import hub_tasks as _hub_tasks  # noqa: E402, F401  (registers the other calibration datasets of §3)
-from . import llm_adapters as _llm_adapters  # noqa: E402,F401  (registers the LLM-Adapters tasks)

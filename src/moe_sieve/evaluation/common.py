@@ -1,6 +1,6 @@
 """What every evaluator shares: the result record, greedy generation and continuation log-likelihoods.
 
-Generation and scoring are module-level functions (``_generate``, ``_score_continuations``) so that tests can
+Generation and scoring are module-level functions (``_generate``, ``score_continuations``) so that tests can
 swap them for stubs and check each metric exactly, without a trained model.
 """
 
@@ -232,7 +232,7 @@ def continuation_logprobs(
     return out
 
 
-def _score_continuations(
+def score_continuations(
     model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int, progress: bool = True
 ) -> list[float]:
     """Sum of log-probabilities of each continuation's tokens given its context, one float per pair (the

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..data.tasks import TASKS, _format_rows, _load_task_rows, _select, check_selection_args, get_task
+from ..data.tasks import TASKS, check_selection_args, format_rows, get_task, load_task_dataset, select_indices
 from .common import EvalResult
 from .config import EvalConfig
 from .registry import EVAL_TASKS, NOT_EVALUABLE, ScoreContext, get_eval_task
@@ -71,12 +71,12 @@ def load_task_rows(
     spec = get_task(name)
     split = _eval_split(name, path, split)
     fmt = spec.formatter(_resource_dir(name, path, spider_dir))
-    dataset, origin = _load_task_rows(spec, path, split)
+    dataset, origin = load_task_dataset(spec, path, split)
     if len(dataset) == 0:
         raise ValueError(f"{origin}: no examples")
-    indices = _select(len(dataset), None, max_examples, 0)
+    indices = select_indices(len(dataset), None, max_examples, 0)
     rows = [dict(row) for row in dataset.select(indices)]
-    examples = _format_rows(rows, indices, origin, spec, fmt)
+    examples = format_rows(rows, indices, origin, spec, fmt)
     for row, example in zip(rows, examples, strict=True):
         row["_source"] = example.source
         row["_prompt"], row["_completion"] = example.prompt, example.completion

@@ -39,7 +39,7 @@ def result_spans(completion: str) -> list[tuple[int, int]]:
     return [match.span(1) for match in RESULT.finditer(completion)]
 
 
-def _clean(text: str) -> str:
+def normalise_answer(text: str) -> str:
     """exact_match's normalisation: each ignored pattern removed in turn, then lower case."""
     for pattern in IGNORE:
         text = pattern.sub("", text)
@@ -57,13 +57,13 @@ def extract_answer(text: str, mode: str = "flexible-extract") -> str | None:
         match = next((group for group in found[-1] if group), None) if found else None
     else:
         raise ValueError(f"GSM8K filter must be one of {', '.join(FILTERS)}, got {mode!r}")
-    return None if match is None else _clean(match.strip())
+    return None if match is None else normalise_answer(match.strip())
 
 
 def gold_answer(answer: str) -> str | None:
     """The reference as the harness compares it: the whole ``answer`` cleaned (all but the number after ``#### ``
     goes); None when it holds no ``#### ``."""
-    return _clean(answer) if "#### " in answer else None
+    return normalise_answer(answer) if "#### " in answer else None
 
 
 def evaluate_gsm8k(

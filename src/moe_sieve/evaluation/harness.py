@@ -210,7 +210,7 @@ def compare(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluate import load_task_rows
-    from .gsm8k import _clean, evaluate_gsm8k
+    from .gsm8k import evaluate_gsm8k, normalise_answer
     from .hellaswag import evaluate_hellaswag
 
     names = write_harness_tasks(work_dir, gsm8k=gsm8k, hellaswag=hellaswag, max_new_tokens=max_new_tokens)
@@ -247,7 +247,7 @@ def compare(
             mine = [(p["prediction"] or "[invalid]", p["prediction_strict"] or "[invalid]") for p in ours.predictions]
             report[task]["extracted"] = {
                 "ours": mine,
-                "harness": [(_clean(a), _clean(b)) for a, b in theirs[task]["extracted"]],
+                "harness": [(normalise_answer(a), normalise_answer(b)) for a, b in theirs[task]["extracted"]],
             }
             report[task]["completions"] = {
                 "ours": [p["completion"] for p in ours.predictions],

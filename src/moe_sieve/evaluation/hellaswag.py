@@ -50,7 +50,7 @@ def evaluate_hellaswag(
         spans.append((len(pairs), len(pairs) + len(endings)))
         pairs.extend((prompt, " " + ending) for ending in endings)
         labels.append(int(row["label"]))
-    scores = common._score_continuations(model, tokenizer, pairs, batch_size, progress)
+    scores = common.score_continuations(model, tokenizer, pairs, batch_size, progress)
     predictions = []
     for i, (row, (start, end), label) in enumerate(zip(rows, spans, labels, strict=True)):
         raw = scores[start:end]

@@ -18,7 +18,7 @@ _INDEX_KWARGS = ("top_k_index", "router_indices", "selected_experts", "topk_indi
 _WEIGHT_KWARGS = ("top_k_weights", "routing_weights", "router_scores", "topk_weights", "topk_weight")
 
 
-def _fused_routing(args: tuple, kwargs: dict, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_routing(args: tuple, kwargs: dict, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     index = args[1] if len(args) > 1 else next((kwargs[k] for k in _INDEX_KWARGS if k in kwargs), None)
     weights = args[2] if len(args) > 2 else next((kwargs[k] for k in _WEIGHT_KWARGS if k in kwargs), None)
     if index is None or weights is None:
@@ -27,6 +27,9 @@ def _fused_routing(args: tuple, kwargs: dict, module: torch.nn.Module) -> tuple[
             f"keywords: {sorted(kwargs)}); its routing must be read from the router output instead"
         )
     return index, weights
+
+
+_fused_routing = fused_routing  # issue 19: still imported under this name on branch methods; drop it at merge
 
 
 class RoutingRecorder:
@@ -115,7 +118,7 @@ class RoutingRecorder:
 
     def _fused_hook(self, position: int):
         def hook(module, args, kwargs):
-            index, weights = _fused_routing(args, kwargs, module)
+            index, weights = fused_routing(args, kwargs, module)
             self._record(position, index, weights)
 
         return hook

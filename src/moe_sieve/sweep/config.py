@@ -287,15 +287,15 @@ def run_id(model: str, task: str, condition: str, seed: int) -> str:
     return f"{model}__{task}__{condition}__s{seed}"
 
 
-def _substitute(value: Any, variables: dict[str, str]) -> Any:
+def substitute(value: Any, variables: dict[str, str]) -> Any:
     if isinstance(value, str):
         for key, replacement in variables.items():
             value = value.replace("{" + key + "}", replacement)
         return value
     if isinstance(value, list | tuple):
-        return [_substitute(v, variables) for v in value]
+        return [substitute(v, variables) for v in value]
     if isinstance(value, dict):
-        return {k: _substitute(v, variables) for k, v in value.items()}
+        return {k: substitute(v, variables) for k, v in value.items()}
     return value
 
 
@@ -313,10 +313,10 @@ def expand(config: SweepConfig, out: str | Path) -> list[RunSpec]:
                 for cond in config.conditions:
                     rid = run_id(model.name, task.name, cond.name, seed)
                     options = {**config.train, **(task.train or {}), **(cond.train or {})}
-                    options = _substitute(options, variables)
+                    options = substitute(options, variables)
                     options.update(
-                        model=_substitute(model.path, variables),
-                        data=_substitute(task.data, variables),
+                        model=substitute(model.path, variables),
+                        data=substitute(task.data, variables),
                         out=str(out / "runs" / rid),
                         seed=seed,
                     )
@@ -326,7 +326,7 @@ def expand(config: SweepConfig, out: str | Path) -> list[RunSpec]:
                     except (TypeError, ValueError) as err:
                         raise ValueError(f"{where}: {err}") from err
                     ev = EvalSettings.from_dict(cond.eval, f"{where}.eval", task.eval)
-                    ev_json = _substitute(dataclasses.asdict(ev), variables)
+                    ev_json = substitute(dataclasses.asdict(ev), variables)
                     if ev_json["data"] is None:
                         ev_json["data"] = train.data
                     if ev_json["spider_dir"] is None:

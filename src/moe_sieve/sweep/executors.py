@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .._io import Interrupted, atomic_write_json, open_log
+from .._io import Interrupted, atomic_write_json, open_log, read_json_object
 from ..cputhreads import choose_cpu_threads
-from .pipeline import ERROR_FILE, INTERRUPTED, _read_json, record_interrupted
+from .pipeline import ERROR_FILE, INTERRUPTED, record_interrupted
 
 EXECUTORS = ("local", "submitit")
 WORKER_LOG = "worker.log"
@@ -110,7 +110,7 @@ def run_worker(
     if code != 0 and workers is not None and workers.stopping.is_set():
         record_interrupted(run_dir_path)  # killed after the grace period: still resumable
         return INTERRUPTED
-    if code != 0 and _read_json(run_dir_path / ERROR_FILE) is None:
+    if code != 0 and read_json_object(run_dir_path / ERROR_FILE) is None:
         atomic_write_json(
             run_dir_path / ERROR_FILE,
             {"error": f"worker exited with status {code} (see {run_dir_path / WORKER_LOG})"},
@@ -199,7 +199,7 @@ def run_submitit(
             code = job.result()
         except Exception as err:  # noqa: BLE001 - the scheduler lost the job: record it, go on
             code = -1
-            if _read_json(Path(run_dir) / ERROR_FILE) is None:
+            if read_json_object(Path(run_dir) / ERROR_FILE) is None:
                 atomic_write_json(Path(run_dir) / ERROR_FILE, {"error": f"submitit job {job.job_id} failed: {err}"})
         if on_done is not None:
             on_done(run_dir, code)

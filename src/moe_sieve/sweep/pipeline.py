@@ -6,12 +6,11 @@ last, atomically, carrying the run's settings fingerprint) are all there; anythi
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, read_json_object
 from .config import EvalSettings, RunSpec
 
 RUN_FILE = "run.json"  # the resolved RunSpec, written before the run starts
@@ -26,18 +25,13 @@ def record_interrupted(run_dir: Path, run_id: str | None = None) -> None:
     atomic_write_json(Path(run_dir) / ERROR_FILE, {"run_id": run_id, "error": error, "interrupted": True})
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+_read_json = read_json_object  # issue 19: sweep/gather.py still imports this name; drop it at merge
 
 
 def is_finished(run_dir: str | Path, spec: RunSpec | None = None) -> bool:
     """Adapter, metrics and a complete evaluation, produced with ``spec``'s settings (when given)."""
     run_dir = Path(run_dir)
-    ev, metrics = _read_json(run_dir / EVAL_FILE), _read_json(run_dir / "metrics.json")
+    ev, metrics = read_json_object(run_dir / EVAL_FILE), read_json_object(run_dir / "metrics.json")
     adapter = run_dir / "adapter"
     if ev is None or metrics is None or not adapter.is_dir() or not any(adapter.iterdir()):
         return False
@@ -51,7 +45,7 @@ def _same_settings(run_dir: Path, spec: RunSpec) -> bool:
     default here), so a new TrainConfig or EvalSettings field does not turn every finished run into a stale one."""
     from ..training import TrainConfig
 
-    stored = _read_json(run_dir / RUN_FILE)
+    stored = read_json_object(run_dir / RUN_FILE)
     if stored is None:
         return False
     old_eval = stored.get("eval")
@@ -163,7 +157,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     config = TrainConfig.from_dict({**spec.train, "targets": tuple(spec.train["targets"])}, source=spec.run_id)
     run_dir = Path(config.out)
     if is_finished(run_dir, spec):
-        return _read_json(run_dir / EVAL_FILE) or {}
+        return read_json_object(run_dir / EVAL_FILE) or {}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / RUN_FILE, spec.to_json())
     (run_dir / EVAL_FILE).unlink(missing_ok=True)  # stale (other settings or incomplete)
@@ -214,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m moe_sieve.sweep.pipeline RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
-    data = _read_json(run_dir / RUN_FILE)
+    data = read_json_object(run_dir / RUN_FILE)
     if data is None:
         print(f"Error: {run_dir / RUN_FILE}: missing or unreadable run spec", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ class SweepOptions:
 
 def prepare(config: SweepConfig, out: Path, log: Callable[[str], None] = print) -> None:
     """The inputs every run shares: mini tasks (generated, deterministic) and the routing-study profiles."""
-    from .config import _substitute
+    from .config import substitute
 
     variables = {"study": str(out), "sweep_dir": str(Path(config.source).resolve().parent)}
     if config.minitasks is not None and not (out / "minitasks" / "manifest.json").exists():
@@ -53,7 +53,7 @@ def prepare(config: SweepConfig, out: Path, log: Callable[[str], None] = print) 
             from ..profiling import ProfileConfig, run_profile
 
             paths = {m.name: m.path for m in config.models}
-            model_path = _substitute(paths.get(p.model, p.model), variables)
+            model_path = substitute(paths.get(p.model, p.model), variables)
             spec = ModelSpec(model=model_path, device="cpu" if _cpu_only() else "auto")
             model, tokenizer = load_model(spec), load_tokenizer(spec)  # one load for every dataset
             for name, data in todo.items():
@@ -61,7 +61,7 @@ def prepare(config: SweepConfig, out: Path, log: Callable[[str], None] = print) 
                 profile = run_profile(
                     ProfileConfig(
                         model=model_path,
-                        data=_substitute(data, variables),
+                        data=substitute(data, variables),
                         split=p.split,
                         max_examples=p.max_examples,
                         batch_size=p.batch_size,
