@@ -40,6 +40,7 @@ EXPECTED_OUTPUT = {
     "docs/adapters.md": ["311.5M", "85.0M", "merged checkpoint written", "PEFT adapter written", "Routed-PEFT R"],
     "docs/training.md": ["done: 2 steps"],
     "docs/evaluation.md": ["gsm8k: accuracy", "hellaswag: accuracy", "spider: accuracy", "facts: accuracy"],
+    "docs/contributing.md": ["{0: [1, 3], 1: [0, 2]}", "capitals: accuracy 0.00 on 2 rows", "'merged', 'npz')"],
 }
 # Of those, the figures the page's text states: the run must reproduce them.
 STATED = {"docs/adapters.md": ["311.5M", "85.0M"]}
@@ -253,10 +254,12 @@ def _run_shell(block: Block, monkeypatch, capsys) -> str:
 def _registries() -> list[dict]:
     """The global registries a doc block may extend (restored after each page)."""
     from moe_sieve import selection
+    from moe_sieve.adapters import export
     from moe_sieve.arch import registry
     from moe_sieve.data import tasks
+    from moe_sieve.evaluation import registry as eval_registry
 
-    found = [registry.ARCHS, tasks.TASKS]
+    found = [registry.ARCHS, tasks.TASKS, eval_registry.EVAL_TASKS, export._FORMATS]
     strategies = getattr(selection, "STRATEGIES", None)
     if isinstance(strategies, dict):
         found.append(strategies)
