@@ -361,8 +361,8 @@ def _full_lora_params(record: dict[str, Any], adapter_config: dict[str, Any]) ->
     if lora.get("method") == "routed" or not record.get("model"):
         return None
     try:
-        from .config import SieveLoraConfig
-        from .plan import plan_adapters
+        from .sieve.config import SieveLoraConfig
+        from .sieve.plan import plan_adapters
 
         plan = plan_adapters(record["model"], k=1, lora=SieveLoraConfig.from_json(lora))
     except Exception:  # noqa: BLE001 - the card says n/a rather than failing a finished run

@@ -17,10 +17,10 @@ from .._version import __version__
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model
 from ..profiling.artifact import ProfileMismatchError, warn_other_model
-from .attach import SieveState, apply_sieve_lora, trainable_parameters
-from .config import SieveLoraConfig
-from .experts import restore_experts_implementation
-from .lora import LoraLinear, LoraWeightDelta
+from .sieve.config import SieveLoraConfig
+from .sieve.experts import restore_experts_implementation
+from .sieve.layer import LoraLinear, LoraWeightDelta
+from .sieve.model import SieveState, apply_sieve_lora, trainable_parameters
 from .tokens import merge_token_rows
 
 ADAPTER_FORMAT_VERSION = 1

@@ -4,16 +4,16 @@ The directory (``adapter_config.json`` + ``adapter_model.safetensors``, written 
 ``PeftModel.from_pretrained(base_model, path)`` on an unmodified base model, without moe-sieve, and gives the
 same outputs as the adapted model. How each kind of Sieve adapter maps onto PEFT's format:
 
-* :class:`~moe_sieve.adapters.lora.LoraLinear` (attention, shared experts, ``nn.Linear`` routers,
+* :class:`~moe_sieve.adapters.sieve.layer.LoraLinear` (attention, shared experts, ``nn.Linear`` routers,
   ``nn.ModuleList`` experts): ``target_modules``, listed by full name; the factors copy one to one. Linears
   whose leaf name is a v4 expert/router name (``gate_proj``, ``up_proj``, ``down_proj``, ``w1``-``w3``,
   ``gate``) go to ``target_parameters`` as ``<name>.weight`` instead: PEFT 0.21 on transformers v5
   rewrites such ``target_modules`` entries of MoE model types (DeepSeek-V3, Qwen3-MoE, OLMoE, Mixtral, ...)
   into the fused experts on every load, which would drop e.g. DeepSeek's shared experts. A 2D ``ParamWrapper``
   computes the same ``W + s * B @ A`` and keeps the same state-dict keys (``<name>.lora_A.weight``).
-* :class:`~moe_sieve.adapters.lora.LoraWeightDelta` (routers whose weight is a bare parameter):
+* :class:`~moe_sieve.adapters.sieve.layer.LoraWeightDelta` (routers whose weight is a bare parameter):
   ``target_parameters`` on the 2D weight, which PEFT adapts exactly like our parametrization.
-* :class:`~moe_sieve.adapters.experts.ExpertLoRA` (fused 3D experts): ``target_parameters`` on
+* :class:`~moe_sieve.adapters.sieve.experts.ExpertLoRA` (fused 3D experts): ``target_parameters`` on
   ``gate_up_proj`` (or ``up_proj``) and ``down_proj`` (nested ``ParamWrapper``s on one module). PEFT keeps one
   LoRA per parameter for all experts: ``lora_A`` weight ``(E * R, in)`` read as ``(E, R, in)`` (expert-major),
   ``lora_B`` weight ``(out, R * E)`` read as ``(out, R, E)`` (column ``k * E + e``), with in/out taken from the
@@ -56,10 +56,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._io import atomic_dir
-from .attach import SieveState
-from .experts import ExpertLoRA, restore_experts_implementation
 from .io import UnsupportedExportError, lora_state
-from .lora import LoraLinear, LoraWeightDelta
+from .sieve.experts import ExpertLoRA, restore_experts_implementation
+from .sieve.layer import LoraLinear, LoraWeightDelta
+from .sieve.model import SieveState
 from .tokens import TokenRowsEmbedding, TokenRowsHead, is_tied, token_row_modules, unwrap_token_rows
 
 __all__ = ["export_peft_adapter"]

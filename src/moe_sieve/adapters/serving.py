@@ -62,10 +62,10 @@ from torch import nn
 
 from .._io import atomic_dir, atomic_write_safetensors
 from ..arch import find_moe_layers, get_arch
-from .experts import ExpertLoRA
 from .io import lora_state
-from .lora import LoraLinear
 from .peft_export import _expert_factors, _first_projection, _router_delta
+from .sieve.experts import ExpertLoRA
+from .sieve.layer import LoraLinear
 from .tokens import token_row_modules
 
 __all__ = ["SERVING_ENGINES", "ServingExport", "export_serving_adapter", "serving_tensors"]

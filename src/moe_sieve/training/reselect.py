@@ -23,8 +23,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .._io import atomic_write_json
-from ..adapters.attach import AdaptedModule, _linear_children, _lora_params, _wrap_linear, verify_adapters
-from ..adapters.experts import ExpertLoRA
+from ..adapters.sieve.experts import ExpertLoRA
+from ..adapters.sieve.model import AdaptedModule, _linear_children, _lora_params, _wrap_linear, verify_adapters
 from ..arch import find_moe_layers, get_arch
 
 RESELECT_FILE = "reselect.json"

@@ -107,7 +107,7 @@ class SieveTrainer(Trainer):
     def _install_expert_guard(self, steps: int) -> Any:
         """The first ``steps`` optimizer steps check that every selected expert with tokens gets a gradient
         (training/guard.py). Sieve LoRA only; FSDP2 shards the factors across processes, so it is skipped there."""
-        from ..adapters.attach import SieveState
+        from ..adapters.sieve.model import SieveState
         from .guard import install_expert_guard
 
         if steps <= 0 or not isinstance(getattr(self.model, "moe_sieve", None), SieveState):

@@ -21,9 +21,9 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ...arch import UnsupportedModelError, find_moe_layers
-from ..attach import AdapterMissingError, SieveState, _seeded, apply_sieve_lora, enable_router_aux_loss
-from ..experts import ExpertLoRA, restore_experts_implementation, use_sieve_experts
-from ..lora import LoraLinear, LoraWeightDelta
+from ..sieve.experts import ExpertLoRA, restore_experts_implementation, use_sieve_experts
+from ..sieve.layer import LoraLinear, LoraWeightDelta
+from ..sieve.model import AdapterMissingError, SieveState, _seeded, apply_sieve_lora, enable_router_aux_loss
 from .config import SieveConfig
 from .layers import ONE_ACTIVE, SieveExpertsLayer, SieveLinear, SieveTunerLayer, SieveWeightDelta
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ...arch import MoELayer, MoEShape, config_fingerprint, find_moe_layers, get_arch, topk_weights_of
-from ..attach import _seeded, resolve_experts
-from ..experts import restore_experts_implementation, use_sieve_experts
+from ..sieve.experts import restore_experts_implementation, use_sieve_experts
+from ..sieve.model import _seeded, resolve_experts
 from .config import RoutedAdapterConfig
 from .layer import RoutedBlockAdapter, RoutedExpertAdapter
 

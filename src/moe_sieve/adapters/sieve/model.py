@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..arch import ArchSpec, MoELayer, MoEShape, UnsupportedModelError, config_fingerprint, find_moe_layers, get_arch
-from ..profiling.artifact import ProfileMismatchError
-from ..reporting import TextTable
+from ...arch import ArchSpec, MoELayer, MoEShape, UnsupportedModelError, config_fingerprint, find_moe_layers, get_arch
+from ...profiling.artifact import ProfileMismatchError
+from ...reporting import TextTable
+from ..tokens import attach_token_rows
 from .config import SieveLoraConfig
 from .experts import ExpertLoRA, register_sieve_experts_implementation, use_sieve_experts
-from .lora import LoraLinear, LoraWeightDelta
-from .tokens import attach_token_rows
+from .layer import LoraLinear, LoraWeightDelta
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -128,7 +128,7 @@ def resolve_experts(layers: Sequence[MoELayer], selection: Any, mode: str) -> di
     if selection is None:
         raise ValueError("experts='selected' needs a selection (a Selection, its JSON path, or a dict)")
     if isinstance(selection, (str, bytes)) or hasattr(selection, "__fspath__"):
-        from ..selection import Selection
+        from ...selection import Selection
 
         selection = Selection.load(selection)
     experts: Mapping[int, Sequence[int]] = getattr(selection, "experts", selection)
