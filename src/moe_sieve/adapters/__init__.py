@@ -46,6 +46,26 @@ __all__ = [
     "verify_adapters",
 ]
 
-from . import routed  # noqa: E402  (Routed-PEFT adapter family)
+from . import routed, sieve  # noqa: E402  (one folder per adapter method)
+from .methods import (  # noqa: E402
+    AdapterMethod,
+    AdapterState,
+    adapter_methods,
+    get_adapter_method,
+    register_adapter_method,
+)
+from .routed.method import ROUTED  # noqa: E402
+from .sieve.method import SIEVE  # noqa: E402
 
-__all__ += ["routed"]
+register_adapter_method(SIEVE)  # adapters/sieve/
+register_adapter_method(ROUTED)  # adapters/routed/
+
+__all__ += [
+    "AdapterMethod",
+    "AdapterState",
+    "adapter_methods",
+    "get_adapter_method",
+    "register_adapter_method",
+    "routed",
+    "sieve",
+]

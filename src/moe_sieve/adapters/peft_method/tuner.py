@@ -23,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ...arch import UnsupportedModelError, find_moe_layers
 from ..sieve.experts import ExpertLoRA, restore_experts_implementation, use_sieve_experts
 from ..sieve.layer import LoraLinear, LoraWeightDelta
-from ..sieve.model import AdapterMissingError, SieveState, _seeded, apply_sieve_lora, enable_router_aux_loss
+from ..sieve.model import AdapterMissingError, SieveState, apply_sieve_lora, enable_router_aux_loss, seeded
 from .config import SieveConfig
 from .layers import ONE_ACTIVE, SieveExpertsLayer, SieveLinear, SieveTunerLayer, SieveWeightDelta
 
@@ -117,7 +117,7 @@ class SieveModel(BaseTuner):
             raise ValueError(f"SieveModel takes SieveConfig adapters, got {type(config).__name__}")
         probe, state = self._plan(config)
         fused = False
-        with _seeded(config.seed):
+        with seeded(config.seed):
             for entry in state.modules:
                 target = probe.get_submodule(entry.name)
                 if isinstance(target, LoraLinear):

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from ...arch import MoELayer, MoEShape, config_fingerprint, find_moe_layers, get_arch, topk_weights_of
+from ..factors import ADAPTER_WEIGHTS, load_factors
+from ..methods import AdapterState
 from ..sieve.experts import restore_experts_implementation, use_sieve_experts
-from ..sieve.model import _seeded, resolve_experts
+from ..sieve.model import resolve_experts, seeded
 from .config import RoutedAdapterConfig
 from .layer import RoutedBlockAdapter, RoutedExpertAdapter
 
@@ -39,16 +41,15 @@ class RoutedModule:
 
 
 @dataclass
-class RoutedState:
+class RoutedState(AdapterState):
     """What was attached (``model.moe_sieve``), plus R's auxiliary-loss and router-load bookkeeping."""
 
+    GROUPS = ("adapters", "adapter_router")
+    method = "routed"
+
     config: RoutedAdapterConfig
-    experts: dict[int, list[int]]
-    shape: MoEShape
-    base_config_fingerprint: str
-    hidden_size: int
+    hidden_size: int = 0
     modules: list[RoutedModule] = field(default_factory=list)
-    previous_experts_implementation: Any = None
     handles: list[Any] = field(default_factory=list, repr=False)
     adapters: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     mask_T: torch.Tensor | None = field(default=None, repr=False)
@@ -58,16 +59,6 @@ class RoutedState:
     aux_log: list[dict[str, float]] = field(default_factory=list)
     load_LN: torch.Tensor | None = field(default=None, repr=False)
     disabled: bool = False  # PEFT's disable_adapter(): the hooks add nothing
-
-    def params_by_group(self) -> dict[str, int]:
-        totals = {"adapters": 0, "adapter_router": 0}
-        for module in self.modules:
-            totals[module.group] += module.params
-        return totals
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(module.params for module in self.modules)
 
     def aux_loss(self) -> torch.Tensor | None:
         """R's Switch loss of the last forward, pooled over layers: ``N * sum_j f_j P_j`` (unweighted)."""
@@ -107,9 +98,6 @@ class RoutedState:
             table.add_row(str(m.layer), m.name, str(len(m.experts)) if m.experts else "-", f"{m.params:,}")
         table.caption = f"trainable {self.trainable_params:,}"
         return table
-
-    def __str__(self) -> str:
-        return str(self.table())
 
 
 def _renormalizes(layer: MoELayer, spec: Any, hidden_size: int) -> bool:
@@ -230,11 +218,11 @@ def apply_routed_adapters(
         empty = [layer for layer, ids in experts.items() if not ids]
         if empty:
             raise ValueError(f"variant E: the selection leaves MoE layers {empty} without experts")
-    state = RoutedState(config, experts, shape, config_fingerprint(model.config), hidden_size)
+    state = RoutedState(config, experts, shape, config_fingerprint(model.config), hidden_size=hidden_size)
     for param in model.parameters():
         param.requires_grad_(False)
     fused_e = False
-    with _seeded(config.seed):
+    with seeded(config.seed):
         for layer in layers:
             ref = next(layer.block.parameters())
             kw = {"dtype": ref.dtype, "device": ref.device}
@@ -310,8 +298,6 @@ def remove_routed_adapters(model: nn.Module) -> nn.Module:
 
 def load_routed_adapter(model: nn.Module, path: str | os.PathLike, saved: dict[str, Any]) -> RoutedState:
     """Attach the adapter described by ``saved`` (its adapter_config.json) and copy its weights exactly."""
-    from ..io import ADAPTER_WEIGHTS, load_factors
-
     config = RoutedAdapterConfig.from_json(saved["lora"])
     experts = {int(layer): ids for layer, ids in saved.get("experts", {}).items()} or None
     state = apply_routed_adapters(

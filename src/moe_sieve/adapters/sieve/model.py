@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,9 +17,16 @@ from torch.nn.utils import parametrize
 from ...arch import ArchSpec, MoELayer, MoEShape, UnsupportedModelError, config_fingerprint, find_moe_layers, get_arch
 from ...profiling.artifact import ProfileMismatchError
 from ...reporting import TextTable
-from ..tokens import attach_token_rows
+from ..factors import ADAPTER_WEIGHTS, load_factors, trainable_parameters
+from ..methods import AdapterState
+from ..tokens import attach_token_rows, merge_token_rows
 from .config import SieveLoraConfig
-from .experts import ExpertLoRA, register_sieve_experts_implementation, use_sieve_experts
+from .experts import (
+    ExpertLoRA,
+    register_sieve_experts_implementation,
+    restore_experts_implementation,
+    use_sieve_experts,
+)
 from .layer import LoraLinear, LoraWeightDelta
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -56,28 +65,18 @@ class SkippedModule:
 
 
 @dataclass
-class SieveState:
+class SieveState(AdapterState):
     """What was attached, kept on the model as ``model.moe_sieve`` for saving, merging and reporting."""
 
+    GROUPS = ("attention", "router", "shared", "experts")
+    method = "sieve"
+
     config: SieveLoraConfig
-    experts: dict[int, list[int]]
-    shape: MoEShape
-    base_config_fingerprint: str
     modules: list[AdaptedModule] = field(default_factory=list)
-    previous_experts_implementation: Any = None
     skipped: list[SkippedModule] = field(default_factory=list)
 
-    def params_by_group(self) -> dict[str, int]:
-        totals = {"attention": 0, "router": 0, "shared": 0, "experts": 0}
-        if self.config.tokens:
-            totals["tokens"] = 0
-        for module in self.modules:
-            totals[module.group] += module.params
-        return totals
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(module.params for module in self.modules)
+    def group_names(self) -> tuple[str, ...]:
+        return (*self.GROUPS, "tokens") if self.config.tokens else self.GROUPS
 
     def table(self) -> TextTable:
         """Trainable parameters per layer and group; ``print(state.table())`` prints it as text."""
@@ -114,9 +113,6 @@ class SieveState:
         if unplaced:
             table.caption += "\nnot adapted: " + "; ".join(unplaced)
         return table
-
-    def __str__(self) -> str:
-        return str(self.table())
 
 
 def resolve_experts(layers: Sequence[MoELayer], selection: Any, mode: str) -> dict[int, list[int]]:
@@ -184,7 +180,7 @@ def _linears(module: nn.Module, prefix: str, leaf_names: Sequence[str] | None) -
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
+def seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
@@ -219,7 +215,7 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     def skip(group: str, layer: int | None, name: str, reason: str) -> None:
         state.skipped.append(SkippedModule(group, layer, name, reason))
 
-    with _seeded(config.seed):
+    with seeded(config.seed):
         if "attention" in config.targets:
             _attach_attention(model, spec, layers, config, add, skip)
         if "shared" in config.targets and not any(layer.shared for layer in layers):
@@ -431,5 +427,50 @@ def verify_adapters(model: nn.Module) -> None:
             raise AdapterMissingError(f"layer {layer.layer_id}: unselected experts {extra} carry adapters")
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def load_sieve(model: nn.Module, path: str | os.PathLike, saved: dict[str, Any]) -> SieveState:
+    """Attach the adapter described by ``saved`` (its adapter_config.json) and copy its factors exactly."""
+    lora_config = SieveLoraConfig.from_json(saved["lora"])
+    experts = {int(layer): ids for layer, ids in saved["experts"].items()}
+    state = apply_sieve_lora(model, experts, lora_config)
+    load_factors(model, Path(path) / ADAPTER_WEIGHTS)
+    return state
+
+
+def merge_sieve(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update (and any trained token rows) into the base weights and remove the adapters, in
+    place (the sieve method's ``merge``; call it through :func:`~moe_sieve.adapters.io.merge_sieve_lora`)."""
+    state = model.moe_sieve
+    bad = [name for name, p in trainable_parameters(model).items() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(
+            f"the adapter has non-finite (NaN/inf) values in {len(bad)} tensors (e.g. {bad[0]}); refusing to merge "
+            "it into the base weights"
+        )
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLinear):
+                parent_name, _, leaf = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, leaf, module.merged())
+        merge_token_rows(model)
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module, "weight") and any(
+                isinstance(p, LoraWeightDelta) for p in module.parametrizations.weight
+            ):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        for layer in find_moe_layers(model):
+            lora = getattr(layer.experts, "sieve_lora", None)
+            if lora is None:
+                continue
+            ids = lora.expert_ids
+            for param_name, delta in lora.delta_weights().items():
+                weight = getattr(layer.experts, param_name)
+                acc = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64
+                weight[ids] = (weight[ids].to(acc) + delta.to(acc)).to(weight.dtype)
+            del layer.experts.sieve_lora
+    if state.previous_experts_implementation is not None:
+        restore_experts_implementation(model, state.previous_experts_implementation)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    del model.moe_sieve
+    return model

@@ -60,3 +60,31 @@ def plan_adapters(
         "full_by_group": {g: v for g, v in full.items() if g != "total"},
         "sieve_by_group": {g: v for g, v in sieve.items() if g != "total"},
     }
+
+
+def plan_options(model: str | Any, k: str | int, options: dict[str, Any], trust_remote_code: bool = False) -> dict:
+    """``moe-sieve plan --method sieve``: :func:`plan_adapters` at the command's ``r`` and ``alpha``."""
+    lora = SieveLoraConfig(r=options["r"], alpha=options["alpha"])
+    return plan_adapters(model, k=k, lora=lora, trust_remote_code=trust_remote_code)
+
+
+def plan_table(result: dict[str, Any]) -> list[Any]:
+    """What ``moe-sieve plan`` prints for a sieve plan: full LoRA vs the hot set, then the reduction."""
+    from rich.table import Table
+
+    r, alpha = result["r"], result["alpha"]
+    table = Table(title=f"{result['model']}: LoRA r={r}, alpha={alpha:g}, hot {result['k']}/{result['num_experts']}")
+    for column in ("", "trainable params", "fp32 checkpoint", "AdamW state"):
+        table.add_column(column, justify="right")
+    for name, key in (("full LoRA", "full"), (f"sieve hot-{result['k']}", "sieve")):
+        table.add_row(
+            name,
+            f"{result[f'{key}_params'] / 1e6:,.1f}M",
+            _gb(result[f"{key}_bytes"]),
+            _gb(result[f"{key}_optimizer_bytes"]),
+        )
+    return [table, f"reduction [bold]{100 * result['reduction']:.1f}%[/] of LoRA trainable parameters"]
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
