@@ -264,7 +264,7 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
                         f"{why}; train without the experts target (--targets attention,router,shared)"
                     )
                 if layer.layout.storage == "fused":
-                    lora = ExpertLoRA.for_experts(layer.experts, ids, config.r, config.alpha, config.dropout)
+                    lora = fused_expert_lora(layer, ids, config)
                     layer.experts.sieve_lora = lora
                     add(
                         "experts",
@@ -274,12 +274,13 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
                         ids,
                     )
                 else:
-                    params = []
-                    for expert_id in ids:
-                        prefix = f"{layer.experts_name}.{expert_id}"
-                        for name in _linear_children(layer.experts[expert_id], prefix, spec.mlp_projections):
-                            params += _lora_params(_wrap_linear(model, name, config, config.dropout))
-                    add("experts", layer.experts_name, params, layer.layer_id, ids)
+                    add(
+                        "experts",
+                        layer.experts_name,
+                        wrap_listed_experts(model, layer, ids, spec, config),
+                        layer.layer_id,
+                        ids,
+                    )
     if any(
         "experts" in config.targets and experts[layer.layer_id] and layer.layout.storage == "fused" for layer in layers
     ):
@@ -290,6 +291,24 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     model.moe_sieve = state
     verify_adapters(model)
     return state
+
+
+def fused_expert_lora(layer: MoELayer, ids: Sequence[int], config: SieveLoraConfig) -> ExpertLoRA:
+    """The activation-space LoRA of experts ``ids`` of a fused (3D) experts module (not yet attached)."""
+    return ExpertLoRA.for_experts(layer.experts, ids, config.r, config.alpha, config.dropout)
+
+
+def wrap_listed_experts(
+    model: nn.Module, layer: MoELayer, ids: Sequence[int], spec: ArchSpec, config: SieveLoraConfig
+) -> list[nn.Parameter]:
+    """LoRA on every projection of experts ``ids`` of a ModuleList experts layer, in place; returns the new
+    factors (attach and ``--reselect grow`` both add experts this way)."""
+    params: list[nn.Parameter] = []
+    for expert_id in ids:
+        prefix = f"{layer.experts_name}.{expert_id}"
+        for name in _linear_children(layer.experts[expert_id], prefix, spec.mlp_projections):
+            params += _lora_params(_wrap_linear(model, name, config, config.dropout))
+    return params
 
 
 def _is_attention(name: str, module: nn.Module, spec: ArchSpec) -> bool:
