@@ -358,7 +358,7 @@ def card_data(run_dir: str | os.PathLike, adapter: str = "adapter") -> dict[str,
 def _full_lora_params(record: dict[str, Any], adapter_config: dict[str, Any]) -> int | None:
     """Full LoRA's trainable parameters for the same base and LoRA settings (a meta-device plan, no weights)."""
     lora = adapter_config.get("lora") or {}
-    if lora.get("method") == "routed" or not record.get("model"):
+    if lora.get("method") or not record.get("model"):  # sieve's lora JSON names no method; others have no full LoRA
         return None
     try:
         from .sieve.config import SieveLoraConfig
