@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..arch import MoEShape
+from ..arch import ArchSpec, MoELayer, MoEShape, find_moe_layers, get_arch
 
 
 @dataclass
@@ -50,6 +50,16 @@ class AdapterState:
 
     def __str__(self) -> str:
         return str(self.table())
+
+
+def attach_target(model: nn.Module, refusal: str) -> tuple[ArchSpec, list[MoELayer], MoEShape]:
+    """The family spec, MoE layers and shape of the base model a method attaches to; a model that already
+    carries adapters (``model.moe_sieve``) is refused with ``refusal``."""
+    if getattr(model, "moe_sieve", None) is not None:
+        raise ValueError(refusal)
+    spec = get_arch(model)
+    layers = find_moe_layers(model, spec)
+    return spec, layers, MoEShape.of(layers)
 
 
 def _no_train_checks(train: Any) -> None:

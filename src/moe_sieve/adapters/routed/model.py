@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...arch import MoELayer, MoEShape, config_fingerprint, find_moe_layers, get_arch, topk_weights_of
+from ...arch import MoELayer, config_fingerprint, find_moe_layers, topk_weights_of
 from ..factors import ADAPTER_WEIGHTS, load_factors
-from ..methods import AdapterState
+from ..methods import AdapterState, attach_target
 from ..sieve.experts import restore_experts_implementation, use_sieve_experts
 from ..sieve.model import resolve_experts, seeded
 from .config import RoutedAdapterConfig
@@ -204,11 +204,7 @@ def apply_routed_adapters(
     ``experts="selected"`` only. Fused experts run E inside the ``sieve_lora`` grouped experts forward.
     """
     config = config or RoutedAdapterConfig()
-    if getattr(model, "moe_sieve", None) is not None:
-        raise ValueError("this model already has adapters attached; load a fresh base model")
-    spec = get_arch(model)
-    layers = find_moe_layers(model, spec)
-    shape = MoEShape.of(layers)
+    spec, layers, shape = attach_target(model, "this model already has adapters attached; load a fresh base model")
     hidden_size = int(getattr(model.config, "hidden_size", 0) or 0)
     if hidden_size <= 0:
         raise ValueError("model config has no hidden_size")

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ...arch import ArchSpec, MoELayer, MoEShape, UnsupportedModelError, config_fingerprint, find_moe_layers, get_arch
+from ...arch import ArchSpec, MoELayer, UnsupportedModelError, config_fingerprint, find_moe_layers
 from ...profiling.artifact import ProfileMismatchError
 from ...reporting import TextTable
 from ..factors import ADAPTER_WEIGHTS, load_factors, trainable_parameters
-from ..methods import AdapterState
+from ..methods import AdapterState, attach_target
 from ..tokens import attach_token_rows, merge_token_rows
 from .config import SieveLoraConfig
 from .experts import (
@@ -197,11 +197,7 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     the ``sieve_lora`` experts implementation; ModuleList experts get per-projection LoRA.
     """
     config = config or SieveLoraConfig()
-    if getattr(model, "moe_sieve", None) is not None:
-        raise ValueError("this model already has Sieve LoRA adapters; load a fresh base model")
-    spec = get_arch(model)
-    layers = find_moe_layers(model, spec)
-    shape = MoEShape.of(layers)
+    spec, layers, shape = attach_target(model, "this model already has Sieve LoRA adapters; load a fresh base model")
     experts = resolve_experts(layers, selection, config.experts)
     state = SieveState(config, experts, shape, config_fingerprint(model.config))
     for param in model.parameters():
