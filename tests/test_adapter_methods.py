@@ -22,6 +22,7 @@ from moe_sieve.adapters import (
     save_sieve_adapter,
 )
 from moe_sieve.adapters import methods as methods_mod
+from moe_sieve.adapters.export import export_formats, formats_accepting
 from moe_sieve.adapters.io import UnsupportedExportError, lora_state
 from moe_sieve.arch import MoEShape, config_fingerprint, find_moe_layers
 
@@ -157,6 +158,12 @@ def test_third_method_saves_loads_and_is_refused_by_merge_and_export(toy, tmp_pa
         merge_sieve_lora(fresh)
     with pytest.raises(UnsupportedExportError, match="a toy adapter has no PEFT form"):
         lora_state(fresh, "PEFT")
+    assert formats_accepting(TOY) == ()
+
+
+def test_export_formats_accepting_each_method():
+    assert formats_accepting(get_adapter_method("sieve")) == export_formats()
+    assert formats_accepting(get_adapter_method("routed")) == ()  # no LoRA form, not mergeable
 
 
 def test_third_method_in_train_config(toy):
