@@ -16,6 +16,18 @@ from ..arch import ArchSpec, MoELayer, MoEShape, find_moe_layers, get_arch
 
 
 @dataclass
+class AdaptedModule:
+    """One attached piece: its group (a key of ``params_by_group``), MoE layer (None: not in one), module path,
+    trainable parameters, and the routed experts it adapts."""
+
+    group: str
+    layer: int | None
+    name: str
+    params: int
+    experts: list[int] = field(default_factory=list)
+
+
+@dataclass
 class AdapterState:
     """What a method attached, kept on the model as ``model.moe_sieve`` (the one slot every method uses), so the
     adapter artifact, trainer checkpoints and ``eval --adapter`` treat every method alike. ``modules`` are the
@@ -29,7 +41,7 @@ class AdapterState:
     experts: dict[int, list[int]]
     shape: MoEShape
     base_config_fingerprint: str
-    modules: list[Any] = field(default_factory=list)
+    modules: list[AdaptedModule] = field(default_factory=list)
     previous_experts_implementation: Any = None
 
     def group_names(self) -> tuple[str, ...]:

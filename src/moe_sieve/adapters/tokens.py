@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import UnsupportedModelError
-from .methods import get_adapter_method
+from .methods import AdaptedModule, get_adapter_method
 
 __all__ = [
     "DEFAULT_NORM_RATIO",
@@ -286,8 +286,6 @@ def token_row_modules(model: nn.Module) -> dict[str, nn.Module]:
 def attach_token_rows(model: nn.Module, state: Any, token_ids: Sequence[int]) -> list[tuple[str, nn.Parameter]]:
     """Wrap the input embedding and the output head so the rows of ``token_ids`` train; records them on ``state``
     (a :class:`~moe_sieve.adapters.sieve.model.SieveState`). Returns the new ``(module name, parameter)`` pairs."""
-    from .sieve.model import AdaptedModule
-
     token_ids = sorted({int(t) for t in token_ids})
     if not token_ids:
         return []

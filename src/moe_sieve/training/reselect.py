@@ -23,8 +23,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .._io import atomic_write_json
+from ..adapters.methods import AdaptedModule
 from ..adapters.sieve.experts import ExpertLoRA
-from ..adapters.sieve.model import AdaptedModule, fused_expert_lora, verify_adapters, wrap_listed_experts
+from ..adapters.sieve.model import fused_expert_lora, verify_adapters, wrap_listed_experts
 from ..arch import find_moe_layers, get_arch
 
 RESELECT_FILE = "reselect.json"

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...arch import MoELayer, config_fingerprint, find_moe_layers, topk_weights_of
 from ..factors import ADAPTER_WEIGHTS, load_factors
-from ..methods import AdapterState, attach_target
+from ..methods import AdaptedModule, AdapterState, attach_target
 from ..sieve.experts import restore_experts_implementation, use_sieve_experts
 from ..sieve.model import resolve_experts, seeded
 from .config import RoutedAdapterConfig
@@ -32,15 +32,6 @@ NOT_MERGEABLE = (
 
 
 @dataclass
-class RoutedModule:
-    group: str
-    layer: int
-    name: str
-    params: int
-    experts: list[int] = field(default_factory=list)
-
-
-@dataclass
 class RoutedState(AdapterState):
     """What was attached (``model.moe_sieve``), plus R's auxiliary-loss and router-load bookkeeping."""
 
@@ -49,7 +40,6 @@ class RoutedState(AdapterState):
 
     config: RoutedAdapterConfig
     hidden_size: int = 0
-    modules: list[RoutedModule] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list, repr=False)
     adapters: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     mask_T: torch.Tensor | None = field(default=None, repr=False)
@@ -236,7 +226,7 @@ def apply_routed_adapters(
                         state.handles.append(
                             layer.experts[expert_id].register_forward_hook(_expert_hook(adapter.bank, slot, state))
                         )
-                state.modules.append(RoutedModule("adapters", layer.layer_id, name, _count(adapter), list(ids)))
+                state.modules.append(AdaptedModule("adapters", layer.layer_id, name, _count(adapter), list(ids)))
             else:
                 renorm = {"yes": True, "no": False}.get(config.renormalize)
                 if renorm is None:
@@ -249,10 +239,10 @@ def apply_routed_adapters(
                 adapter = RoutedBlockAdapter(hidden_size, config, renormalize=bool(renorm), **kw)
                 layer.block.routed_adapter = adapter
                 name = f"{layer.name}.routed_adapter"
-                state.modules.append(RoutedModule("adapters", layer.layer_id, name + ".bank", _count(adapter.bank)))
+                state.modules.append(AdaptedModule("adapters", layer.layer_id, name + ".bank", _count(adapter.bank)))
                 if adapter.router is not None:
                     state.modules.append(
-                        RoutedModule("adapter_router", layer.layer_id, name + ".router", adapter.router.weight.numel())
+                        AdaptedModule("adapter_router", layer.layer_id, name + ".router", adapter.router.weight.numel())
                     )
                 if config.base_router_weights:
 

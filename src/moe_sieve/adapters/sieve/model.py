@@ -18,7 +18,7 @@ from ...arch import ArchSpec, MoELayer, UnsupportedModelError, config_fingerprin
 from ...profiling.artifact import ProfileMismatchError
 from ...reporting import TextTable
 from ..factors import ADAPTER_WEIGHTS, load_factors, trainable_parameters
-from ..methods import AdapterState, attach_target
+from ..methods import AdaptedModule, AdapterState, attach_target
 from ..tokens import attach_token_rows, merge_token_rows
 from .config import SieveLoraConfig
 from .experts import (
@@ -34,15 +34,6 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 class AdapterMissingError(RuntimeError):
     """A selected expert ended up without an adapter: refuse to train silently without it."""
-
-
-@dataclass
-class AdaptedModule:
-    group: str
-    layer: int | None
-    name: str
-    params: int
-    experts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -72,7 +63,6 @@ class SieveState(AdapterState):
     method = "sieve"
 
     config: SieveLoraConfig
-    modules: list[AdaptedModule] = field(default_factory=list)
     skipped: list[SkippedModule] = field(default_factory=list)
 
     def group_names(self) -> tuple[str, ...]:
