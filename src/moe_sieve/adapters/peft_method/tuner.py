@@ -340,13 +340,13 @@ class SieveModel(BaseTuner):
     def record_card(self, *, training: dict[str, Any] | None = None, eval_result: Any = None) -> None:
         """Add training facts (``{"data": ..., ...}``) and an evaluation result (an ``EvalResult`` or its JSON) to
         the model card the next ``save_pretrained``/``push_to_hub`` writes; steps and tokens are recorded already."""
-        from ..card import _eval_rows
+        from ..card import eval_rows
 
         if training:
             self.card_training = {**getattr(self, "card_training", {}), **training}
         if eval_result is not None:
             record = eval_result.to_json() if hasattr(eval_result, "to_json") else dict(eval_result)
-            self.card_eval = [*(getattr(self, "card_eval", None) or []), *_eval_rows(record)]
+            self.card_eval = [*(getattr(self, "card_eval", None) or []), *eval_rows(record)]
 
     def card_context(self, adapter_name: str) -> dict[str, Any]:
         state = self.sieve_states.get(adapter_name)
