@@ -103,7 +103,7 @@ TOY = AdapterMethod(
     attach=attach_scales,
     load=load_scales,
     plan=lambda model, k, options, trust_remote_code=False: {"method": NAME},
-    plan_table=lambda result: [NAME],
+    plan_table=lambda result, options: [NAME],
     from_train=lambda train: ScaleConfig(),
     not_mergeable="toy scales are not merged by this test",
     lora_export=False,

@@ -97,7 +97,7 @@ class AdapterMethod:
     attach: Callable[..., AdapterState]
     load: Callable[..., AdapterState]
     plan: Callable[..., dict[str, Any]]  # (model, k, plan's options, trust_remote_code): sizes from the config
-    plan_table: Callable[[dict[str, Any]], list[Any]]  # what ``moe-sieve plan`` prints of that (rich renderables)
+    plan_table: Callable[[dict[str, Any], dict[str, Any]], list[Any]]  # (plan, options): what ``plan`` prints
     from_train: Callable[[Any], Any]  # TrainConfig -> this method's adapter config (``selection`` aside)
     merge: Callable[[nn.Module], nn.Module] | None = None  # None: cannot be folded into the base weights
     not_mergeable: str = ""  # why, when ``merge`` is None (merge, export --format merged)

@@ -73,7 +73,7 @@ def plan(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    for renderable in adapter_method.plan_table(result):
+    for renderable in adapter_method.plan_table(result, options):
         console.print(renderable)
 
 

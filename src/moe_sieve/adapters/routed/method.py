@@ -60,9 +60,9 @@ def plan_options(model: str | Any, k: str | int, options: dict[str, Any], trust_
     return plan_routed(model, routed, k=k, trust_remote_code=trust_remote_code)
 
 
-def plan_table(result: dict[str, Any]) -> list[Any]:
+def plan_table(result: dict[str, Any], options: dict[str, Any]) -> list[Any]:
     return [
-        f"Routed-PEFT {result['variant']}: {result['trainable_params']:,} trainable params = "
+        f"Routed-PEFT {options['variant']}: {result['trainable_params']:,} trainable params = "
         f"{result['trainable_pct_of_total']:.3f}% of {result['base_params']:,} total, "
         f"{result['trainable_pct_of_activated']:.3f}% of {result['activated_params']:,} activated"
     ]

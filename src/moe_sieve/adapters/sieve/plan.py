@@ -68,11 +68,11 @@ def plan_options(model: str | Any, k: str | int, options: dict[str, Any], trust_
     return plan_adapters(model, k=k, lora=lora, trust_remote_code=trust_remote_code)
 
 
-def plan_table(result: dict[str, Any]) -> list[Any]:
+def plan_table(result: dict[str, Any], options: dict[str, Any]) -> list[Any]:
     """What ``moe-sieve plan`` prints for a sieve plan: full LoRA vs the hot set, then the reduction."""
     from rich.table import Table
 
-    r, alpha = result["r"], result["alpha"]
+    r, alpha = options["r"], options["alpha"]
     table = Table(title=f"{result['model']}: LoRA r={r}, alpha={alpha:g}, hot {result['k']}/{result['num_experts']}")
     for column in ("", "trainable params", "fp32 checkpoint", "AdamW state"):
         table.add_column(column, justify="right")
