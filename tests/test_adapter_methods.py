@@ -161,6 +161,14 @@ def test_third_method_saves_loads_and_is_refused_by_merge_and_export(toy, tmp_pa
     assert formats_accepting(TOY) == ()
 
 
+def test_an_adapter_of_an_unknown_method_is_refused_naming_the_file(tmp_path):
+    model = build_tiny("olmoe")
+    attach_scales(model)
+    path = save_sieve_adapter(model, tmp_path / "adapter")  # the toy method is not registered in this test
+    with pytest.raises(ValueError, match=rf"adapter_config.json: lora.method '{NAME}' is no adapter method .*sieve"):
+        load_sieve_adapter(build_tiny("olmoe"), path)
+
+
 def test_export_formats_accepting_each_method():
     assert formats_accepting(get_adapter_method("sieve")) == export_formats()
     assert formats_accepting(get_adapter_method("routed")) == ()  # no LoRA form, not mergeable

@@ -17,7 +17,7 @@ from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model
 from ..profiling.artifact import ProfileMismatchError, warn_other_model
 from .factors import ADAPTER_CONFIG, ADAPTER_WEIGHTS, gather_factors, load_factors, save_factors, trainable_parameters
-from .methods import AdapterState, get_adapter_method, method_of
+from .methods import AdapterState, adapter_methods, find_adapter_method, method_of
 
 ADAPTER_FORMAT_VERSION = 1
 _REQUIRED_ADAPTER_KEYS = ("base_model", "lora", "experts", "shape")
@@ -159,7 +159,13 @@ def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> AdapterStat
         )
     trained_on = config["base_model"]["config_fingerprint"]
     warn_other_model(f"the adapter {path}", trained_on, config_fingerprint(model.config))
-    return get_adapter_method(config["lora"].get("method")).load(model, path, config)
+    method = find_adapter_method(config["lora"].get("method"))
+    if method is None:
+        raise ValueError(
+            f"{path / ADAPTER_CONFIG}: lora.method {config['lora']['method']!r} is no adapter method this moe-sieve "
+            f"knows ({', '.join(adapter_methods())})"
+        )
+    return method.load(model, path, config)
 
 
 def merge_sieve_lora(model: nn.Module) -> nn.Module:
