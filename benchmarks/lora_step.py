@@ -38,15 +38,15 @@ from pathlib import Path
 import torch
 from _shapes import PRESETS, build_model, step_flops
 
-import moe_sieve.adapters.experts as experts_mod
+import moe_sieve.adapters.sieve.experts as experts_mod
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
-from moe_sieve.adapters.experts import (
+from moe_sieve.adapters.sieve.experts import (
     SIEVE_EXPERTS_IMPLEMENTATION,
     compile_config,
     iter_fused_experts,
     use_sieve_experts,
 )
-from moe_sieve.adapters.memory import SavedTensorMeter, sieve_experts_saved_bytes, training_state_bytes
+from moe_sieve.adapters.sieve.memory import SavedTensorMeter, sieve_experts_saved_bytes, training_state_bytes
 from moe_sieve.arch import find_moe_layers, get_arch
 from moe_sieve.profiling import RoutingRecorder
 from moe_sieve.selection import select_topk

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-from moe_sieve.adapters.experts import ExpertLoRA, iter_fused_experts, register_sieve_experts_implementation
+from moe_sieve.adapters.sieve.experts import ExpertLoRA, iter_fused_experts, register_sieve_experts_implementation
 
 EP_SIZE = int(os.environ.get("EP_SIZE", 2))
 FSDP_SIZE = int(os.environ.get("FSDP_SIZE", EP_SIZE))

@@ -13,8 +13,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_imp
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
-import moe_sieve.adapters.experts as experts_mod
-from moe_sieve.adapters.experts import (
+import moe_sieve.adapters.sieve.experts as experts_mod
+from moe_sieve.adapters.sieve.experts import (
     SIEVE_EXPERTS_IMPLEMENTATION,
     ExpertLoRA,
     compile_config,

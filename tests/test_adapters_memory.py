@@ -8,8 +8,8 @@ from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
-from moe_sieve.adapters.experts import ExpertLoRA, sieve_lora_experts_forward
-from moe_sieve.adapters.memory import SavedTensorMeter, sieve_experts_saved_bytes, training_state_bytes
+from moe_sieve.adapters.sieve.experts import ExpertLoRA, sieve_lora_experts_forward
+from moe_sieve.adapters.sieve.memory import SavedTensorMeter, sieve_experts_saved_bytes, training_state_bytes
 
 from .conftest import VOCAB, build_tiny
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
-from moe_sieve.adapters.experts import ExpertLoRA
 from moe_sieve.adapters.io import merge_sieve_lora
+from moe_sieve.adapters.sieve.experts import ExpertLoRA
 from moe_sieve.arch import UnsupportedModelError, find_moe_layers, get_arch
 from moe_sieve.profiling import profile_model
 

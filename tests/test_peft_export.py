@@ -8,8 +8,8 @@ from torch.nn.utils import parametrize
 
 from moe_sieve._io import ArtifactExistsError
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, trainable_parameters
-from moe_sieve.adapters.experts import SIEVE_EXPERTS_IMPLEMENTATION, ExpertLoRA, iter_fused_experts
 from moe_sieve.adapters.peft_export import _copy_experts, _param_wrapper, export_peft_adapter
+from moe_sieve.adapters.sieve.experts import SIEVE_EXPERTS_IMPLEMENTATION, ExpertLoRA, iter_fused_experts
 from moe_sieve.arch import find_moe_layers
 
 from .conftest import FUSED_FAMILIES, build_tiny

@@ -12,7 +12,7 @@ import torch
 
 from moe_sieve.adapters import SieveLoraConfig
 from moe_sieve.adapters.ep import engine_owner_E, hot_spread, plan_ep, spread_owner_LE
-from moe_sieve.adapters.memory import sieve_experts_saved_bytes
+from moe_sieve.adapters.sieve.memory import sieve_experts_saved_bytes
 from moe_sieve.cli import main
 
 

@@ -310,7 +310,7 @@ def test_routed_lora_config_defaults_are_the_ones_train_and_plan_use():
     def options(config):
         return (config.r, config.alpha, config.dropout)
 
-    trained = TrainConfig(model="m", data="d", out="o", method="routed", variant="R").routed_config()
+    trained = TrainConfig(model="m", data="d", out="o", method="routed", variant="R").adapter_config()
     assert options(RoutedAdapterConfig()) == options(trained) == options(RoutedConfig().to_routed_config())
     plan = {p.name: p.default for p in typer.main.get_command(app).commands["plan"].params}
     assert (plan["r"], plan["alpha"]) == (RoutedAdapterConfig().r, RoutedAdapterConfig().alpha)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, export_peft_adapter, load_sieve_adapter
-from moe_sieve.adapters.attach import enable_router_aux_loss
+from moe_sieve.adapters.sieve.model import enable_router_aux_loss
 from moe_sieve.selection import Selection
 from moe_sieve.training import TrainConfig, train
 from moe_sieve.training.monitor import TRACE_FILE

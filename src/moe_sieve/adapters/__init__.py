@@ -1,8 +1,5 @@
 """Sieve LoRA: adapters on attention, routers, shared experts and the selected routed experts only."""
 
-from .attach import AdapterMissingError, SieveState, apply_sieve_lora, trainable_parameters, verify_adapters
-from .config import SieveLoraConfig
-from .experts import ExpertLoRA, sieve_lora_experts_forward
 from .export import (
     ExportFormat,
     ExportResult,
@@ -13,10 +10,13 @@ from .export import (
     register_export_format,
 )
 from .io import load_adapted_model, load_sieve_adapter, merge_sieve_lora, read_adapter_config, save_sieve_adapter
-from .lora import LoraLinear, LoraWeightDelta
 from .peft_export import export_peft_adapter
-from .plan import plan_adapters
 from .serving import export_serving_adapter
+from .sieve.config import SieveLoraConfig
+from .sieve.experts import ExpertLoRA, sieve_lora_experts_forward
+from .sieve.layer import LoraLinear, LoraWeightDelta
+from .sieve.model import AdapterMissingError, SieveState, apply_sieve_lora, trainable_parameters, verify_adapters
+from .sieve.plan import plan_adapters
 
 __all__ = [
     "AdapterMissingError",
@@ -46,6 +46,26 @@ __all__ = [
     "verify_adapters",
 ]
 
-from . import routed  # noqa: E402  (Routed-PEFT adapter family)
+from . import routed, sieve  # noqa: E402  (one folder per adapter method)
+from .methods import (  # noqa: E402
+    AdapterMethod,
+    AdapterState,
+    adapter_methods,
+    get_adapter_method,
+    register_adapter_method,
+)
+from .routed.method import ROUTED  # noqa: E402
+from .sieve.method import SIEVE  # noqa: E402
 
-__all__ += ["routed"]
+register_adapter_method(SIEVE)  # adapters/sieve/
+register_adapter_method(ROUTED)  # adapters/routed/
+
+__all__ += [
+    "AdapterMethod",
+    "AdapterState",
+    "adapter_methods",
+    "get_adapter_method",
+    "register_adapter_method",
+    "routed",
+    "sieve",
+]

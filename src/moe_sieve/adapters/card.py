@@ -274,7 +274,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _eval_rows(record: Any) -> list[dict[str, Any]]:
+def eval_rows(record: Any) -> list[dict[str, Any]]:
     if not isinstance(record, dict) or "accuracy" not in record:
         return []
     rows = [{"task": record.get("task"), "metric": "accuracy", "value": record["accuracy"], "n": record.get("n")}]
@@ -344,7 +344,7 @@ def card_data(run_dir: str | os.PathLike, adapter: str = "adapter") -> dict[str,
             "by_group": adapter_config.get("params_by_group") or {},
         },
         "training": {k: v for k, v in training.items() if v is not None},
-        "eval": _eval_rows(_read_json(run_dir / "eval.json")),
+        "eval": eval_rows(_read_json(run_dir / "eval.json")),
         "usage": [
             "from moe_sieve.adapters import load_sieve_adapter",
             "from moe_sieve.modeling import ModelSpec, load_model",
@@ -358,11 +358,11 @@ def card_data(run_dir: str | os.PathLike, adapter: str = "adapter") -> dict[str,
 def _full_lora_params(record: dict[str, Any], adapter_config: dict[str, Any]) -> int | None:
     """Full LoRA's trainable parameters for the same base and LoRA settings (a meta-device plan, no weights)."""
     lora = adapter_config.get("lora") or {}
-    if lora.get("method") == "routed" or not record.get("model"):
+    if lora.get("method") or not record.get("model"):  # sieve's lora JSON names no method; others have no full LoRA
         return None
     try:
-        from .config import SieveLoraConfig
-        from .plan import plan_adapters
+        from .sieve.config import SieveLoraConfig
+        from .sieve.plan import plan_adapters
 
         plan = plan_adapters(record["model"], k=1, lora=SieveLoraConfig.from_json(lora))
     except Exception:  # noqa: BLE001 - the card says n/a rather than failing a finished run

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from ..stats import resolve_k
-from .config import SieveLoraConfig
-from .memory import sieve_experts_saved_bytes
-from .plan import load_config, plan_adapters
+from .plan import load_config
+from .sieve.config import SieveLoraConfig
+from .sieve.memory import sieve_experts_saved_bytes
+from .sieve.plan import plan_adapters
 
 __all__ = ["engine_owner_E", "ep_plan_table", "hot_spread", "plan_ep", "spread_owner_LE"]
 
@@ -99,8 +100,8 @@ def _dtype(name: str) -> torch.dtype:
 def _expert_shapes(config: Any, trust_remote_code: bool) -> dict[str, Any]:
     """Dense/expert parameter split and the per-layer expert shape, from the meta model."""
     from ..arch import find_moe_layers
-    from .experts import iter_fused_experts
     from .plan import meta_model
+    from .sieve.experts import iter_fused_experts
 
     model = meta_model(config, trust_remote_code)
     fused = list(iter_fused_experts(model))
@@ -158,7 +159,7 @@ def plan_ep(
     attention/router/shared LoRA sharded over ``fsdp``; a hot expert's factors live on the rank owning that
     expert (sharded over ``efsdp``); factors, gradients and AdamW's two states take the base ``dtype``, as
     sieve LoRA creates its factors in the experts' dtype. Activations: the experts' saved tensors on the rows
-    the all-to-all delivers to a rank (:func:`~moe_sieve.adapters.memory.sieve_experts_saved_bytes`, top-1
+    the all-to-all delivers to a rank (:func:`~moe_sieve.adapters.sieve.memory.sieve_experts_saved_bytes`, top-1
     with unit weights as ``AllToAllEP`` calls the experts, expert_parallel.py L230-234) plus the sender's
     weighted combine (L248); attention and other dense activations are not included. With a ``profile`` the
     hot set and each rank's row share are measured; without one rows are even and the hot count per rank is

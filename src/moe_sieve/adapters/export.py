@@ -17,6 +17,7 @@ from pathlib import Path
 from .._io import atomic_dir, ensure_writable
 from ..modeling import TokenizerMissingError, load_tokenizer
 from .io import load_adapted_model, merge_sieve_lora
+from .methods import AdapterMethod
 from .peft_export import export_peft_adapter
 from .serving import SERVING_ENGINES, export_serving_adapter
 
@@ -41,23 +42,33 @@ ExportWriter = Callable[..., ExportResult]  # (adapter, out, *, model, trust_rem
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """One export format: its writer and the few words ``export --format`` shows for it."""
+    """One export format: its writer, the few words ``export --format`` shows for it, and what it needs of an
+    adapter method (``needs``: "lora", a LoRA on existing weights; "merge", a fold into the base weights)."""
 
     name: str
     write: ExportWriter
     help: str
+    needs: str = "lora"
 
 
 _FORMATS: dict[str, ExportFormat] = {}
 
 
-def register_export_format(name: str, write: ExportWriter, *, help: str) -> ExportFormat:
+def register_export_format(name: str, write: ExportWriter, *, help: str, needs: str = "lora") -> ExportFormat:
     """Make ``name`` an export format: ``write(adapter, out, *, model, trust_remote_code, overwrite)`` writes
-    ``out`` atomically and returns an ``ExportResult``."""
+    ``out`` atomically and returns an ``ExportResult``; ``needs`` says which adapter methods it accepts."""
     if name in _FORMATS:
         raise ValueError(f"export format {name!r} is already registered")
-    _FORMATS[name] = ExportFormat(name, write, help)
+    if needs not in ("lora", "merge"):
+        raise ValueError(f"export format {name!r}: needs must be lora or merge, got {needs!r}")
+    _FORMATS[name] = ExportFormat(name, write, help, needs)
     return _FORMATS[name]
+
+
+def formats_accepting(method: AdapterMethod) -> tuple[str, ...]:
+    """The export formats an adapter of ``method`` has a form in (the others refuse it with its reason)."""
+    can = {"lora": method.lora_export, "merge": method.merge is not None}
+    return tuple(name for name, fmt in _FORMATS.items() if can[fmt.needs])
 
 
 def export_formats() -> tuple[str, ...]:
@@ -170,4 +181,4 @@ for _engine in SERVING_ENGINES:
     register_export_format(
         _engine, _serving(_engine), help="per-expert LoRA the engine loads, unselected experts zero-filled"
     )
-register_export_format("merged", _merged, help="plain transformers checkpoint")
+register_export_format("merged", _merged, help="plain transformers checkpoint", needs="merge")

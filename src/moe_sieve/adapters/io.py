@@ -10,26 +10,39 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .._io import atomic_dir, atomic_write_safetensors, read_safetensors
+from .._io import atomic_dir
 from .._version import __version__
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
 from ..modeling import ModelSpec, load_model
 from ..profiling.artifact import ProfileMismatchError, warn_other_model
-from .attach import SieveState, apply_sieve_lora, trainable_parameters
-from .config import SieveLoraConfig
-from .experts import restore_experts_implementation
-from .lora import LoraLinear, LoraWeightDelta
-from .tokens import merge_token_rows
+from .factors import ADAPTER_CONFIG, ADAPTER_WEIGHTS, gather_factors, load_factors, save_factors, trainable_parameters
+from .methods import AdapterState, adapter_methods, find_adapter_method, method_of
 
 ADAPTER_FORMAT_VERSION = 1
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _REQUIRED_ADAPTER_KEYS = ("base_model", "lora", "experts", "shape")
 
 
-def _state(model: nn.Module) -> SieveState:
+__all__ = [  # the factor helpers live in factors.py (every method's); io re-exports them for its callers
+    "ADAPTER_CONFIG",
+    "ADAPTER_FORMAT_VERSION",
+    "ADAPTER_WEIGHTS",
+    "UnsupportedExportError",
+    "adapter_config",
+    "gather_factors",
+    "load_adapted_model",
+    "load_factors",
+    "load_sieve_adapter",
+    "lora_state",
+    "merge_sieve_lora",
+    "read_adapter_config",
+    "save_factors",
+    "save_sieve_adapter",
+    "trainable_parameters",
+]
+
+
+def _state(model: nn.Module) -> AdapterState:
     state = getattr(model, "moe_sieve", None)
     if state is None:
         raise ValueError("this model has no Sieve LoRA adapters (call apply_sieve_lora or load_sieve_adapter)")
@@ -40,15 +53,13 @@ class UnsupportedExportError(NotImplementedError):
     """The adapter has no exact form in the requested export format (one ``Error:`` line in the CLI)."""
 
 
-def lora_state(model: nn.Module, target: str) -> SieveState:
+def lora_state(model: nn.Module, target: str) -> Any:
     """The Sieve LoRA state of ``model`` for an export to ``target`` (PEFT, vllm, sglang); adapters that are
     no LoRA (Routed-PEFT, routers trained in full) are refused here, by every LoRA export alike."""
     state = _state(model)
-    if not isinstance(state, SieveState):
-        raise UnsupportedExportError(
-            f"a Routed-PEFT adapter (method routed) has no {target} form: its adapters are functions of the FFN "
-            "input that a LoRA on existing weights cannot express; serve it with moe-sieve (eval --adapter)"
-        )
+    method = method_of(state)
+    if not method.lora_export:
+        raise UnsupportedExportError(method.no_lora_export.format(target=target))
     if state.config.router == "full":
         raise UnsupportedExportError(
             f"the routers were fully fine-tuned (--router full), which is no LoRA, so there is no {target} form; "
@@ -81,52 +92,6 @@ def adapter_config(model: nn.Module, base_model: str | None = None, extra: dict 
         "params_by_group": state.params_by_group(),
         **(extra or {}),
     }
-
-
-def gather_factors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable factors as full CPU tensors. FSDP2 shards them (DTensor): gathering them is a collective,
-    so under FSDP every process must call this, and the main one writes the result."""
-    from torch.distributed.tensor import DTensor
-
-    return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
-        for name, p in trainable_parameters(model).items()
-    }
-
-
-def save_factors(model: nn.Module, path: str | os.PathLike, factors: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the trainable LoRA factors (by module path) to one safetensors file, atomically; ``factors`` are
-    the ones :func:`gather_factors` gathered from a sharded model."""
-    tensors = gather_factors(model) if factors is None else factors
-    atomic_write_safetensors(path, tensors, {"format": "moe-sieve-adapter"})
-
-
-def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
-    """Copy saved factors into an adapted model (sharded by FSDP2 or not); every trainable tensor must be
-    present with its shape."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    tensors = read_safetensors(path)
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # eval, export and merge alike: such an adapter never loads
-        raise ValueError(
-            f"{path}: non-finite (NaN/inf) values in {len(bad)} tensors (e.g. {bad[0]}); the adapter is damaged "
-            "or its training diverged"
-        )
-    params = trainable_parameters(model)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(
-                    f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
-                )
-            if isinstance(param, DTensor):  # FSDP2: each process keeps its own shard of the saved tensor
-                param.copy_(distribute_tensor(tensors[name], param.device_mesh, param.placements, src_data_rank=None))
-            else:
-                param.copy_(tensors[name])
 
 
 def save_sieve_adapter(
@@ -177,7 +142,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> SieveState:
+def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> AdapterState:
     """Attach the saved adapter to a fresh base ``model`` and restore its factors exactly."""
     path = Path(path)
     config = read_adapter_config(path)
@@ -194,15 +159,13 @@ def load_sieve_adapter(model: nn.Module, path: str | os.PathLike) -> SieveState:
         )
     trained_on = config["base_model"]["config_fingerprint"]
     warn_other_model(f"the adapter {path}", trained_on, config_fingerprint(model.config))
-    if config["lora"].get("method") == "routed":
-        from .routed.model import load_routed_adapter
-
-        return load_routed_adapter(model, path, config)
-    lora_config = SieveLoraConfig.from_json(config["lora"])
-    experts = {int(layer): ids for layer, ids in config["experts"].items()}
-    state = apply_sieve_lora(model, experts, lora_config)
-    load_factors(model, path / ADAPTER_WEIGHTS)
-    return state
+    method = find_adapter_method(config["lora"].get("method"))
+    if method is None:
+        raise ValueError(
+            f"{path / ADAPTER_CONFIG}: lora.method {config['lora']['method']!r} is no adapter method this moe-sieve "
+            f"knows ({', '.join(adapter_methods())})"
+        )
+    return method.load(model, path, config)
 
 
 def merge_sieve_lora(model: nn.Module) -> nn.Module:
@@ -212,44 +175,10 @@ def merge_sieve_lora(model: nn.Module) -> nn.Module:
     ``AutoModelForCausalLM.from_pretrained`` without moe-sieve.
     """
     state = _state(model)
-    if not isinstance(state, SieveState):
-        from .routed.model import NOT_MERGEABLE
-
-        raise ValueError(NOT_MERGEABLE)
-    bad = [name for name, p in trainable_parameters(model).items() if not torch.isfinite(p).all()]
-    if bad:
-        raise ValueError(
-            f"the adapter has non-finite (NaN/inf) values in {len(bad)} tensors (e.g. {bad[0]}); refusing to merge "
-            "it into the base weights"
-        )
-    with torch.no_grad():
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LoraLinear):
-                parent_name, _, leaf = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, leaf, module.merged())
-        merge_token_rows(model)
-        for module in list(model.modules()):
-            if parametrize.is_parametrized(module, "weight") and any(
-                isinstance(p, LoraWeightDelta) for p in module.parametrizations.weight
-            ):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        for layer in find_moe_layers(model):
-            lora = getattr(layer.experts, "sieve_lora", None)
-            if lora is None:
-                continue
-            ids = lora.expert_ids
-            for param_name, delta in lora.delta_weights().items():
-                weight = getattr(layer.experts, param_name)
-                acc = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64
-                weight[ids] = (weight[ids].to(acc) + delta.to(acc)).to(weight.dtype)
-            del layer.experts.sieve_lora
-    if state.previous_experts_implementation is not None:
-        restore_experts_implementation(model, state.previous_experts_implementation)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    del model.moe_sieve
-    return model
+    method = method_of(state)
+    if method.merge is None:
+        raise ValueError(method.not_mergeable)
+    return method.merge(model)
 
 
 def load_adapted_model(

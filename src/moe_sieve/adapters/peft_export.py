@@ -4,16 +4,16 @@ The directory (``adapter_config.json`` + ``adapter_model.safetensors``, written 
 ``PeftModel.from_pretrained(base_model, path)`` on an unmodified base model, without moe-sieve, and gives the
 same outputs as the adapted model. How each kind of Sieve adapter maps onto PEFT's format:
 
-* :class:`~moe_sieve.adapters.lora.LoraLinear` (attention, shared experts, ``nn.Linear`` routers,
+* :class:`~moe_sieve.adapters.sieve.layer.LoraLinear` (attention, shared experts, ``nn.Linear`` routers,
   ``nn.ModuleList`` experts): ``target_modules``, listed by full name; the factors copy one to one. Linears
   whose leaf name is a v4 expert/router name (``gate_proj``, ``up_proj``, ``down_proj``, ``w1``-``w3``,
   ``gate``) go to ``target_parameters`` as ``<name>.weight`` instead: PEFT 0.21 on transformers v5
   rewrites such ``target_modules`` entries of MoE model types (DeepSeek-V3, Qwen3-MoE, OLMoE, Mixtral, ...)
   into the fused experts on every load, which would drop e.g. DeepSeek's shared experts. A 2D ``ParamWrapper``
   computes the same ``W + s * B @ A`` and keeps the same state-dict keys (``<name>.lora_A.weight``).
-* :class:`~moe_sieve.adapters.lora.LoraWeightDelta` (routers whose weight is a bare parameter):
+* :class:`~moe_sieve.adapters.sieve.layer.LoraWeightDelta` (routers whose weight is a bare parameter):
   ``target_parameters`` on the 2D weight, which PEFT adapts exactly like our parametrization.
-* :class:`~moe_sieve.adapters.experts.ExpertLoRA` (fused 3D experts): ``target_parameters`` on
+* :class:`~moe_sieve.adapters.sieve.experts.ExpertLoRA` (fused 3D experts): ``target_parameters`` on
   ``gate_up_proj`` (or ``up_proj``) and ``down_proj`` (nested ``ParamWrapper``s on one module). PEFT keeps one
   LoRA per parameter for all experts: ``lora_A`` weight ``(E * R, in)`` read as ``(E, R, in)`` (expert-major),
   ``lora_B`` weight ``(out, R * E)`` read as ``(out, R, E)`` (column ``k * E + e``), with in/out taken from the
@@ -56,10 +56,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._io import atomic_dir
-from .attach import SieveState
-from .experts import ExpertLoRA, restore_experts_implementation
 from .io import UnsupportedExportError, lora_state
-from .lora import LoraLinear, LoraWeightDelta
+from .sieve.experts import ExpertLoRA, restore_experts_implementation
+from .sieve.layer import LoraLinear, LoraWeightDelta
+from .sieve.model import SieveState
 from .tokens import TokenRowsEmbedding, TokenRowsHead, is_tied, token_row_modules, unwrap_token_rows
 
 __all__ = ["export_peft_adapter"]
@@ -95,15 +95,15 @@ class _ExportPlan:
     def target_parameters(self) -> list[str]:
         names = [*self.linear_weights, *self.routers]
         for name, lora in self.experts.items():
-            names += [f"{name}.{_first_projection(lora)}", f"{name}.down_proj"]
+            names += [f"{name}.{first_projection(lora)}", f"{name}.down_proj"]
         return sorted(names)
 
 
-def _first_projection(lora: ExpertLoRA) -> str:
+def first_projection(lora: ExpertLoRA) -> str:
     return "gate_up_proj" if lora.has_gate else "up_proj"
 
 
-def _router_delta(module: nn.Module, name: str) -> LoraWeightDelta | None:
+def router_delta(module: nn.Module, name: str) -> LoraWeightDelta | None:
     """Our router parametrization, refused when it shares the weight with others PEFT could not reproduce."""
     if not parametrize.is_parametrized(module, "weight"):
         return None
@@ -143,7 +143,7 @@ def _plan(model: nn.Module) -> _ExportPlan:
                 plan.linear_weights[f"{name}.weight"] = module
             else:
                 plan.linears[name] = module
-        delta = _router_delta(module, name)
+        delta = router_delta(module, name)
         if delta is not None:
             plan.routers[f"{name}.weight"] = delta
         lora = getattr(module, "sieve_lora", None)
@@ -158,10 +158,10 @@ def _plan(model: nn.Module) -> _ExportPlan:
 
 def _check_experts(name: str, experts: nn.Module, lora: ExpertLoRA) -> None:
     """The fused layout PEFT will infer from the parameter and ``is_transposed`` must be the one we trained on."""
-    w_in = getattr(experts, _first_projection(lora), None)
+    w_in = getattr(experts, first_projection(lora), None)
     down = getattr(experts, "down_proj", None)
     if not isinstance(w_in, torch.Tensor) or not isinstance(down, torch.Tensor) or w_in.dim() != 3:
-        raise UnsupportedExportError(f"{name}: fused experts without 3D {_first_projection(lora)}/down_proj parameters")
+        raise UnsupportedExportError(f"{name}: fused experts without 3D {first_projection(lora)}/down_proj parameters")
     if bool(getattr(experts, "is_transposed", False)) != lora.is_transposed:
         raise UnsupportedExportError(f"{name}: the experts' is_transposed flag disagrees with the adapter's layout")
     if w_in.shape[0] != lora.num_experts or down.shape[0] != lora.num_experts:
@@ -180,7 +180,7 @@ def _bare_copy(model: nn.Module, state: SieveState) -> nn.Module:
             parent_name, _, leaf = name.rpartition(".")
             setattr(bare.get_submodule(parent_name) if parent_name else bare, leaf, module.base_layer)
     for name, module in list(bare.named_modules()):
-        if _router_delta(module, name) is not None:
+        if router_delta(module, name) is not None:
             _unparametrize(module)
         if isinstance(getattr(module, "sieve_lora", None), ExpertLoRA):
             del module.sieve_lora
@@ -293,7 +293,7 @@ def _copy_pair(layer: Any, lora_A: torch.Tensor, lora_B: torch.Tensor, where: st
     b_module.to(lora_B.dtype).weight.copy_(lora_B)
 
 
-def _expert_factors(lora: ExpertLoRA, projection: str) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_factors(lora: ExpertLoRA, projection: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per selected expert ``(A [n, R, in], B [n, out, R])`` of one fused parameter, in storage row order."""
     if projection == "down_proj":
         return lora.down_A.detach(), lora.down_B.detach()
@@ -317,7 +317,7 @@ def _copy_experts(wrapper: Any, lora: ExpertLoRA, projection: str, where: str) -
         raise RuntimeError(f"{where}: PEFT sees {wrapper.num_experts} experts, the adapter {lora.num_experts}")
     if abs(wrapper.scaling[ADAPTER_NAME] - lora.scaling) > 1e-12 * max(1.0, lora.scaling):
         raise RuntimeError(f"{where}: PEFT scaling {wrapper.scaling[ADAPTER_NAME]} differs from ours {lora.scaling}")
-    sel_A, sel_B = _expert_factors(lora, projection)
+    sel_A, sel_B = expert_factors(lora, projection)
     num_experts, (_, rank, in_features), out_features = lora.num_experts, sel_A.shape[-3:], sel_B.shape[-2]
     full_A = sel_A.new_zeros(num_experts, rank, in_features)
     full_B = sel_B.new_zeros(out_features, rank, num_experts)
@@ -427,7 +427,7 @@ def export_peft_adapter(
                 wrapper = _param_wrapper(inner.get_submodule(key.rpartition(".")[0]), "weight")
                 _copy_pair(wrapper, delta.lora_A.detach(), delta.lora_B.detach(), key)
             for name, lora in plan.experts.items():
-                for projection in (_first_projection(lora), "down_proj"):
+                for projection in (first_projection(lora), "down_proj"):
                     wrapper = _param_wrapper(inner.get_submodule(name), projection)
                     _copy_experts(wrapper, lora, projection, f"{name}.{projection}")
             if plan.tokens:

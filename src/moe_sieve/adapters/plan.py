@@ -1,17 +1,11 @@
-"""Adapter sizes without weights: build the model on the meta device and attach the real adapters."""
+"""Adapter sizes without weights: the config and meta-device model every method's plan builds on."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from ..arch import find_moe_layers
-from ..stats import resolve_k
-from .attach import apply_sieve_lora
-from .config import SieveLoraConfig
 
 ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
 
@@ -48,52 +42,3 @@ def meta_model(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
-def _trainable(config: Any, lora: SieveLoraConfig, experts: Any, trust_remote_code: bool) -> dict[str, int]:
-    model = meta_model(config, trust_remote_code)
-    state = apply_sieve_lora(model, experts, lora)
-    return {"total": state.trainable_params, **state.params_by_group()}
-
-
-def plan_adapters(
-    model: str | Any,
-    k: str | int = "25%",
-    lora: SieveLoraConfig | None = None,
-    trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """Trainable parameters, fp32 checkpoint bytes and AdamW state bytes for full LoRA vs the budget.
-
-    The hot set's identity does not change its size, so no profile is needed: the first k experts of each
-    layer stand in for it.
-    """
-    lora = lora or SieveLoraConfig()
-    config = load_config(model, trust_remote_code) if isinstance(model, (str, Path)) else model
-    base = meta_model(config, trust_remote_code)
-    layers = find_moe_layers(base)
-    k_int = resolve_k(k, layers[0].num_experts)
-    hot = {layer.layer_id: list(range(k_int)) for layer in layers}
-    full = _trainable(config, dataclasses.replace(lora, experts="all"), None, trust_remote_code)
-    sieve = _trainable(config, dataclasses.replace(lora, experts="selected"), hot, trust_remote_code)
-    floor = _trainable(config, dataclasses.replace(lora, experts="none"), None, trust_remote_code)
-    base_params = sum(p.numel() for p in base.parameters())
-    return {
-        "model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "base_params": base_params,
-        "moe_layers": len(layers),
-        "num_experts": layers[0].num_experts,
-        "k": k_int,
-        "r": lora.r,
-        "alpha": lora.alpha,
-        "full_params": full["total"],
-        "sieve_params": sieve["total"],
-        "no_expert_params": floor["total"],
-        "reduction": 1.0 - sieve["total"] / full["total"],
-        "full_bytes": 4 * full["total"],
-        "sieve_bytes": 4 * sieve["total"],
-        "full_optimizer_bytes": ADAMW_STATE_BYTES * full["total"],
-        "sieve_optimizer_bytes": ADAMW_STATE_BYTES * sieve["total"],
-        "full_by_group": {g: v for g, v in full.items() if g != "total"},
-        "sieve_by_group": {g: v for g, v in sieve.items() if g != "total"},
-    }

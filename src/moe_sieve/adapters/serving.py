@@ -62,10 +62,10 @@ from torch import nn
 
 from .._io import atomic_dir, atomic_write_safetensors
 from ..arch import find_moe_layers, get_arch
-from .experts import ExpertLoRA
 from .io import lora_state
-from .lora import LoraLinear
-from .peft_export import _expert_factors, _first_projection, _router_delta
+from .peft_export import expert_factors, first_projection, router_delta
+from .sieve.experts import ExpertLoRA
+from .sieve.layer import LoraLinear
 from .tokens import token_row_modules
 
 __all__ = ["SERVING_ENGINES", "ServingExport", "export_serving_adapter", "serving_tensors"]
@@ -153,8 +153,8 @@ def _expert_pairs(name: str, lora: ExpertLoRA, projections: tuple[str, str, str]
 def _expert_3d_tensors(name: str, lora: ExpertLoRA) -> dict[str, torch.Tensor]:
     """PEFT ``target_parameters`` layout of one fused experts module (gate_up as ``base_layer``)."""
     tensors = {}
-    for projection, key in ((_first_projection(lora), f"{name}.base_layer"), ("down_proj", name)):
-        sel_A, sel_B = _expert_factors(lora, projection)
+    for projection, key in ((first_projection(lora), f"{name}.base_layer"), ("down_proj", name)):
+        sel_A, sel_B = expert_factors(lora, projection)
         rank, in_features, out_features = sel_A.shape[1], sel_A.shape[2], sel_B.shape[1]
         full_A = sel_A.new_zeros(lora.num_experts, rank, in_features)
         full_B = sel_B.new_zeros(out_features, rank, lora.num_experts)
@@ -218,7 +218,7 @@ def serving_tensors(model: nn.Module, engine: Engine) -> tuple[dict[str, torch.T
             pairs.append(
                 _Pair(name, module.lora_A.weight.detach(), module.lora_B.weight.detach(), module.scaling, kind)
             )
-        delta = _router_delta(module, name)
+        delta = router_delta(module, name)
         if delta is not None:
             pairs.append(_Pair(name, delta.lora_A.detach(), delta.lora_B.detach(), delta.scaling, "router"))
         lora = getattr(module, "sieve_lora", None)
@@ -281,7 +281,7 @@ def serving_tensors(model: nn.Module, engine: Engine) -> tuple[dict[str, torch.T
                     folded[f"{key}.lora_A.weight"], folded[f"{key}.lora_B.weight"], lora.num_experts, rank_out
                 )
                 tensors[f"{PREFIX}{key}.lora_A.weight"], tensors[f"{PREFIX}{key}.lora_B.weight"] = a, b
-            target_parameters += [f"{ckpt}.{_first_projection(lora)}", f"{ckpt}.down_proj"]
+            target_parameters += [f"{ckpt}.{first_projection(lora)}", f"{ckpt}.down_proj"]
     else:
         for name, lora in fused.items():
             if not lora.has_gate:

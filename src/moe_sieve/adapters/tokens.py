@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import UnsupportedModelError
+from .methods import AdaptedModule, get_adapter_method
 
 __all__ = [
     "DEFAULT_NORM_RATIO",
@@ -284,9 +285,7 @@ def token_row_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def attach_token_rows(model: nn.Module, state: Any, token_ids: Sequence[int]) -> list[tuple[str, nn.Parameter]]:
     """Wrap the input embedding and the output head so the rows of ``token_ids`` train; records them on ``state``
-    (a :class:`~moe_sieve.adapters.attach.SieveState`). Returns the new ``(module name, parameter)`` pairs."""
-    from .attach import AdaptedModule
-
+    (a :class:`~moe_sieve.adapters.sieve.model.SieveState`). Returns the new ``(module name, parameter)`` pairs."""
     token_ids = sorted({int(t) for t in token_ids})
     if not token_ids:
         return []
@@ -401,11 +400,14 @@ def train_token_rows(
     found = find_untrained_tokens(model, completion_token_counts(labels_rows), tokenizer, ratio=ratio)
     input_W, _ = _matrices(model)
     ids = parse_train_tokens(spec, tokenizer, [t.token_id for t in found], input_W.shape[0])
-    if ids and method != "sieve":
-        raise ValueError(f"--train-tokens needs --method sieve (Routed-PEFT adapters hold no token rows), got {method}")
+    adapter_method = get_adapter_method(method)
+    if ids and not adapter_method.token_rows:
+        raise ValueError(
+            f"--train-tokens needs --method sieve ({adapter_method.label} adapters hold no token rows), got {method}"
+        )
     left = [t for t in found if t.token_id not in set(ids)]
     if log and left:
-        fix = "--train-tokens auto" if method == "sieve" else "--method sieve --train-tokens auto"
+        fix = "--train-tokens auto" if adapter_method.token_rows else "--method sieve --train-tokens auto"
         print(
             f"moe-sieve: warning: {len(left)} completion token{'s' if len(left) != 1 else ''} with an untrained "
             f"embedding or output row (norm < {ratio:g} x median), which LoRA cannot learn: {_listing(left)}; "

@@ -7,15 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..adapters.config import LORA
 from ..adapters.export import export_formats_help
 from .common import DEFAULT_MODEL, JsonOpt, KOpt, ModelOpt, console, fail
-
-
-def _gb(n_bytes: int) -> str:
-    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def plan(
@@ -42,7 +37,7 @@ def plan(
     """Trainable parameters, checkpoint size and optimizer memory of full LoRA vs the hot-k budget,
     computed on the meta device (no weights are loaded, no profile is needed). With --ep-size: per rank
     under transformers' expert-parallel engine (docs/distributed.md)."""
-    from ..adapters import SieveLoraConfig, plan_adapters
+    from ..adapters import SieveLoraConfig, get_adapter_method
 
     if ep_size:
         from ..adapters.ep import ep_plan_table, plan_ep
@@ -61,46 +56,25 @@ def plan(
             console.print(line, markup=False, highlight=False)
         return
 
-    if method == "routed":
-        from ..adapters.routed import RoutedAdapterConfig, plan_routed
-
-        routed = RoutedAdapterConfig(
-            variant=variant,
-            adapter_type=adapter_type,
-            r=r,
-            alpha=alpha,
-            num_adapters=num_adapters,
-            top_k=top_k_adapters,
-            experts=experts,
-        )
-        result = plan_routed(model, routed, k=k, trust_remote_code=trust_remote_code)
-        if as_json:
-            print(json.dumps(result, indent=2))
-        else:
-            console.print(
-                f"Routed-PEFT {variant}: {result['trainable_params']:,} trainable params = "
-                f"{result['trainable_pct_of_total']:.3f}% of {result['base_params']:,} total, "
-                f"{result['trainable_pct_of_activated']:.3f}% of {result['activated_params']:,} activated"
-            )
-        return
-    if method != "sieve":
-        fail(f"--method must be sieve or routed, got {method!r}")
-    result = plan_adapters(model, k=k, lora=SieveLoraConfig(r=r, alpha=alpha), trust_remote_code=trust_remote_code)
+    try:
+        adapter_method = get_adapter_method(method)
+    except ValueError as err:
+        fail(str(err))
+    options = {
+        "r": r,
+        "alpha": alpha,
+        "variant": variant,
+        "adapter_type": adapter_type,
+        "num_adapters": num_adapters,
+        "top_k_adapters": top_k_adapters,
+        "experts": experts,
+    }
+    result = adapter_method.plan(model, k, options, trust_remote_code=trust_remote_code)
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"{result['model']}: LoRA r={r}, alpha={alpha:g}, hot {result['k']}/{result['num_experts']}")
-    for column in ("", "trainable params", "fp32 checkpoint", "AdamW state"):
-        table.add_column(column, justify="right")
-    for name, key in (("full LoRA", "full"), (f"sieve hot-{result['k']}", "sieve")):
-        table.add_row(
-            name,
-            f"{result[f'{key}_params'] / 1e6:,.1f}M",
-            _gb(result[f"{key}_bytes"]),
-            _gb(result[f"{key}_optimizer_bytes"]),
-        )
-    console.print(table)
-    console.print(f"reduction [bold]{100 * result['reduction']:.1f}%[/] of LoRA trainable parameters")
+    for renderable in adapter_method.plan_table(result, options):
+        console.print(renderable)
 
 
 def attach(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import read_csv_rows
+from ..adapters.methods import find_adapter_method
 from ..profiling import Profile
 from ..profiling.artifact import METADATA_FILE
 from ..profiling.profile_set import SET_FILE, load_profile_set, set_stats
@@ -150,8 +151,9 @@ def _run_info(root: Path, row: dict[str, str]) -> RunInfo:
     train = (config or {}).get("train") if isinstance((config or {}).get("train"), dict) else config
     strategy = (train or {}).get("strategy") or strategy_of(row.get("condition", ""))
     method = (train or {}).get("method") or row.get("method")
-    if method == "routed":  # Routed-PEFT: not a sieve selection at its k (budget, controls)
-        strategy = f"routed-{str((train or {}).get('variant') or row.get('variant') or '').upper()}"
+    adapter_method = find_adapter_method(method)
+    if adapter_method is not None:  # e.g. Routed-PEFT: not a sieve selection at its k (budget, controls)
+        strategy = adapter_method.report_strategy(strategy, lambda key: (train or {}).get(key) or row.get(key))
     k = None
     if selection is not None:
         k = (selection.get("params") or {}).get("k_resolved")

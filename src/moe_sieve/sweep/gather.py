@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json, atomic_write_text
+from ..adapters.methods import find_adapter_method
 from .config import RunSpec
 from .pipeline import ERROR_FILE, EVAL_FILE, _read_json, is_finished
 
@@ -67,19 +68,11 @@ def _adapter_bytes(path: Path) -> int | None:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else None
 
 
-def _routed_columns(spec: RunSpec) -> dict[str, Any]:
-    """Routed-PEFT's defining options (N and K only where the variant uses them); blank for sieve runs."""
-    train = spec.train
-    if train.get("method", "sieve") != "routed":
-        return {"method": train.get("method", "sieve")}
-    variant = str(train.get("variant", "")).upper()
-    return {
-        "method": "routed",
-        "variant": variant,
-        "adapter_type": train.get("adapter_type"),
-        "num_adapters": train.get("num_adapters") if variant in ("D", "R") else None,
-        "top_k_adapters": train.get("top_k_adapters") if variant == "R" else None,
-    }
+def _method_columns(spec: RunSpec) -> dict[str, Any]:
+    """The adapter method and the options that define its variant (routed: ROUTED_OPTIONS); blank for sieve."""
+    name = spec.train.get("method", "sieve")
+    method = find_adapter_method(name)
+    return {"method": name, **(method.sweep_columns(spec.train) if method is not None else {})}
 
 
 def _k_option(spec: RunSpec) -> Any:
@@ -88,7 +81,8 @@ def _k_option(spec: RunSpec) -> Any:
     strategy = spec.train.get("strategy")
     if strategy == "none" or "experts" not in spec.train.get("targets", []):
         return 0
-    if spec.train.get("method") == "routed" and str(spec.train.get("variant", "")).upper() != "E":
+    method = find_adapter_method(spec.train.get("method"))
+    if method is not None and not method.adapts_experts(spec.train):
         return 0
     return "all" if strategy == "full" else spec.train.get("k")
 
@@ -114,7 +108,7 @@ def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
         seed=spec.seed,
         k=_k_option(spec),
         run_dir=str(Path("runs") / spec.run_id),
-        **_routed_columns(spec),
+        **_method_columns(spec),
     )
     if is_finished(run_dir, spec):
         ev, metrics = _read_json(run_dir / EVAL_FILE) or {}, _read_json(run_dir / "metrics.json") or {}

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..adapters.config import LoraOptions, lora_field
+from ..adapters.methods import get_adapter_method
 from ..selection import STRATEGIES as SELECTION_STRATEGIES
 from ..selection import strategy_help
 
@@ -217,34 +218,24 @@ class TrainConfig:
             self.train_tokens = ",".join(str(t) for t in self.train_tokens)
         if not isinstance(self.train_tokens, str) or not self.train_tokens.strip():
             raise ValueError(f"--train-tokens must be none, auto or a comma list of tokens, got {self.train_tokens!r}")
-        if self.train_tokens.strip() != "none" and self.method == "routed":
-            raise ValueError("--train-tokens needs --method sieve (Routed-PEFT adapters hold no token rows)")
-        if self.method not in ("sieve", "routed"):
-            raise ValueError(f"--method must be sieve or routed, got {self.method!r}")
-        if self.method == "routed":
-            self.routed_config()  # validates --variant, --adapter-type, --num-adapters, --top-k-adapters
+        method = get_adapter_method(self.method)  # --method must be one of the registered methods
+        if self.train_tokens.strip() != "none" and not method.token_rows:
+            raise ValueError(f"--train-tokens needs --method sieve ({method.label} adapters hold no token rows)")
+        method.train_checks(self)  # e.g. routed: --variant, --adapter-type, --num-adapters, --top-k-adapters
 
-    def routed_config(self):
-        from ..adapters.routed import RoutedAdapterConfig
+    def adapter_config(self) -> Any:
+        """The adapter config of ``--method`` (SieveLoraConfig, RoutedAdapterConfig, ...) for these options."""
+        return get_adapter_method(self.method).from_train(self)
 
-        return RoutedAdapterConfig(
-            variant=self.variant,
-            adapter_type=self.adapter_type,
-            r=self.r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            num_adapters=self.num_adapters,
-            top_k=self.top_k_adapters,
-            aux_loss_coef=self.aux_loss_coef,
-            experts="all" if EXPERTS_WITHOUT_SELECTION.get(self.strategy) == "all" else "selected",
-            seed=self.seed,
-        )
+    @property
+    def strategy_experts(self) -> str:
+        """The routed experts ``--strategy`` adapts: all (full), none, or the selected ones."""
+        return EXPERTS_WITHOUT_SELECTION.get(self.strategy, "selected")
 
     @property
     def experts_mode(self) -> str:
-        if self.method == "routed" and str(self.variant).upper() != "E":
-            return "none"  # S/D/R need no selection
-        return EXPERTS_WITHOUT_SELECTION.get(self.strategy, "selected")
+        """The routed experts that get adapters; a method may override the strategy's (routed S/D/R: none)."""
+        return get_adapter_method(self.method).experts_mode(self) or self.strategy_experts
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

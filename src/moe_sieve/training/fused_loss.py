@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ..adapters.methods import get_adapter_method
+
 FUSED_CE_CHOICES = ("auto", "off", "liger", "cce")
 IGNORE_INDEX = -100
 # Packages and the pip names that provide the kernels, in the order ``auto`` tries them.
@@ -72,7 +74,7 @@ def _obstacle(model: Any, device: torch.device, fsdp: bool, method: str, router_
         return f"its kernels are Triton GPU kernels and this run is on {device.type}"
     if fsdp:
         return "under FSDP the head weight is sharded outside the forward"
-    if method != "sieve":
+    if get_adapter_method(method).adds_loss:
         return f"--method {method} adds its adapter loss to the model's own loss"
     if router_aux_loss > 0:
         return "--router-aux-loss adds the load-balancing loss to the model's own loss"

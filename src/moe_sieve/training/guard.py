@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..adapters.attach import AdapterMissingError
+from ..adapters.sieve.model import AdapterMissingError
 from ..arch import MoELayer, find_moe_layers, get_arch, read_routing
 from ..profiling.recorder import _fused_routing
 
@@ -54,8 +54,8 @@ Collect = Callable[[], dict[int, list[ExpertGroup]]]
 def sieve_groups(model: nn.Module, layers: Sequence[MoELayer] | None = None) -> dict[int, list[ExpertGroup]]:
     """The adapter parameters of each selected expert, as attached now: moe-sieve's own ``ExpertLoRA``/
     ``LoraLinear`` or the active adapter of a moe-sieve PEFT model."""
-    from ..adapters.experts import ExpertLoRA
-    from ..adapters.lora import LoraLinear
+    from ..adapters.sieve.experts import ExpertLoRA
+    from ..adapters.sieve.layer import LoraLinear
 
     groups: dict[int, list[ExpertGroup]] = {}
     for layer in layers or find_moe_layers(model):

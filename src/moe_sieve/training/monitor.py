@@ -368,7 +368,7 @@ def routing_monitor(
     """Everything ``train`` needs about routing while training, in one call: the router aux loss, the drift
     monitor (reloading the trace up to the resumed step) and, with ``--reselect grow``, re-selection."""
     if config.router_aux_loss > 0:
-        from ..adapters.attach import enable_router_aux_loss
+        from ..adapters.sieve.model import enable_router_aux_loss
 
         enable_router_aux_loss(model, config.router_aux_loss)
     monitor = build_monitor(config, model, tokenizer, examples, sieve, run_dir, state)

@@ -23,8 +23,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .._io import atomic_write_json
-from ..adapters.attach import AdaptedModule, _linear_children, _lora_params, _wrap_linear, verify_adapters
-from ..adapters.experts import ExpertLoRA
+from ..adapters.methods import AdaptedModule
+from ..adapters.sieve.experts import ExpertLoRA
+from ..adapters.sieve.model import fused_expert_lora, verify_adapters, wrap_listed_experts
 from ..arch import find_moe_layers, get_arch
 
 RESELECT_FILE = "reselect.json"
@@ -113,16 +114,12 @@ def grow_experts(model: nn.Module, new: dict[int, list[int]], *, seed: int, step
         with _seeded(seed, step, layer.layer_id):
             if layer.layout.storage == "fused":
                 current = layer.experts.sieve_lora
-                part = ExpertLoRA.for_experts(layer.experts, ids, config.r, config.alpha, config.dropout)
+                part = fused_expert_lora(layer, ids, config)
                 parts = list(current.parts) if isinstance(current, GrownExpertLoRA) else [current]
                 layer.experts.sieve_lora = GrownExpertLoRA([*parts, part])
                 params = list(part.parameters())
             else:
-                params = []
-                for expert_id in ids:
-                    prefix = f"{layer.experts_name}.{expert_id}"
-                    for name in _linear_children(layer.experts[expert_id], prefix, spec.mlp_projections):
-                        params += _lora_params(_wrap_linear(model, name, config, config.dropout))
+                params = wrap_listed_experts(model, layer, ids, spec, config)
         for p in params:
             p.requires_grad_(True)
         state.experts[layer.layer_id] = sorted(state.experts[layer.layer_id] + ids)

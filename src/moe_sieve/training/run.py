@@ -26,7 +26,7 @@ from .._io import (
     swap_in,
 )
 from .._version import __version__
-from ..adapters import SieveLoraConfig, apply_sieve_lora, save_sieve_adapter
+from ..adapters import get_adapter_method, save_sieve_adapter
 from ..adapters.io import gather_factors
 from ..adapters.tokens import train_token_rows
 from ..arch import MoEShape, config_fingerprint, find_moe_layers
@@ -417,10 +417,6 @@ def _selection_for(
     return selection
 
 
-def _routed_metrics(state: Any) -> dict[str, Any]:
-    return {"config": state.config.to_json(), "aux_loss": state.aux_log, "adapter_router_load": state.router_load()}
-
-
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -543,23 +539,11 @@ def _train_locked(
     if state.is_main_process:  # every input is valid: from here on this directory is this run's
         atomic_write_json(work / "config.json", run_record(config))
     selection = _selection_for(config, model, examples, tokenizer, work, state, given, resume)
-    lora = SieveLoraConfig(
-        r=config.r,
-        alpha=config.alpha,
-        dropout=config.dropout,
-        targets=config.targets,
-        experts=config.experts_mode,
-        seed=config.seed,
-        router=config.router,
-    )
+    method = get_adapter_method(config.method)
+    sieve = method.attach(model, selection, method.from_train(config))
+    callbacks = [*method.train_callbacks(sieve), *(callbacks or [])]
     monitor = None
-    if config.method == "routed":
-        from ..adapters.routed import RoutedLogCallback, apply_routed_adapters
-
-        sieve = apply_routed_adapters(model, selection, config.routed_config())
-        callbacks = [RoutedLogCallback(sieve), *(callbacks or [])]
-    else:
-        sieve = apply_sieve_lora(model, selection, lora)
+    if method.routing_monitor:
         monitor = routing_monitor(config, model, tokenizer, examples, sieve, work, state, resume_from)
     if state.is_main_process:
         from rich.console import Console
@@ -645,9 +629,9 @@ def _train_locked(
         "strategy": config.strategy,
         "trainable_params": sieve.trainable_params,
         "trainable_params_by_group": sieve.params_by_group(),
-        "adapted_experts": sum(len(v) for v in sieve.experts.values()) if "experts" in lora.targets else 0,
+        "adapted_experts": sum(len(v) for v in sieve.experts.values()) if "experts" in config.targets else 0,
         "method": config.method,
-        **({"routed": _routed_metrics(sieve)} if config.method == "routed" else {}),
+        **({method.name: method.metrics(sieve)} if method.metrics is not None else {}),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         **clock.totals(trainer.state, wall),  # wall_time_s, tokens_seen, tokens_per_s, segments: all segments

@@ -106,11 +106,13 @@ class SieveTrainer(Trainer):
 
     def _install_expert_guard(self, steps: int) -> Any:
         """The first ``steps`` optimizer steps check that every selected expert with tokens gets a gradient
-        (training/guard.py). Sieve LoRA only; FSDP2 shards the factors across processes, so it is skipped there."""
-        from ..adapters.attach import SieveState
+        (training/guard.py), for the methods that ask for it (sieve LoRA); FSDP2 shards the factors across
+        processes, so it is skipped there."""
+        from ..adapters.methods import AdapterState, method_of
         from .guard import install_expert_guard
 
-        if steps <= 0 or not isinstance(getattr(self.model, "moe_sieve", None), SieveState):
+        adapters = getattr(self.model, "moe_sieve", None)
+        if steps <= 0 or not isinstance(adapters, AdapterState) or not method_of(adapters).expert_guard:
             return None
         if self.args.fsdp:
             if self.args.should_save:

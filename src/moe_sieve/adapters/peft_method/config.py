@@ -15,8 +15,9 @@ from typing import Any
 from peft import PeftConfig
 
 from ...selection import STRATEGIES
-from ..config import ALL_GROUPS, SieveLoraConfig, lora_field
+from ..config import ALL_GROUPS, lora_field
 from ..routed.config import RoutedAdapterConfig
+from ..sieve.config import SieveLoraConfig
 from ._registry import SIEVE, SIEVE_ROUTED
 
 

@@ -16,8 +16,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..experts import ExpertLoRA
-from ..lora import init_lora_pair
+from ..sieve.experts import ExpertLoRA
+from ..sieve.layer import init_lora_pair
 
 ONE_ACTIVE = "moe-sieve adapters run one active adapter at a time"
 

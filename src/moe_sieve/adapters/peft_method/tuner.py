@@ -21,9 +21,9 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ...arch import UnsupportedModelError, find_moe_layers
-from ..attach import AdapterMissingError, SieveState, _seeded, apply_sieve_lora, enable_router_aux_loss
-from ..experts import ExpertLoRA, restore_experts_implementation, use_sieve_experts
-from ..lora import LoraLinear, LoraWeightDelta
+from ..sieve.experts import ExpertLoRA, restore_experts_implementation, use_sieve_experts
+from ..sieve.layer import LoraLinear, LoraWeightDelta
+from ..sieve.model import AdapterMissingError, SieveState, apply_sieve_lora, enable_router_aux_loss, seeded
 from .config import SieveConfig
 from .layers import ONE_ACTIVE, SieveExpertsLayer, SieveLinear, SieveTunerLayer, SieveWeightDelta
 
@@ -117,7 +117,7 @@ class SieveModel(BaseTuner):
             raise ValueError(f"SieveModel takes SieveConfig adapters, got {type(config).__name__}")
         probe, state = self._plan(config)
         fused = False
-        with _seeded(config.seed):
+        with seeded(config.seed):
             for entry in state.modules:
                 target = probe.get_submodule(entry.name)
                 if isinstance(target, LoraLinear):
@@ -340,13 +340,13 @@ class SieveModel(BaseTuner):
     def record_card(self, *, training: dict[str, Any] | None = None, eval_result: Any = None) -> None:
         """Add training facts (``{"data": ..., ...}``) and an evaluation result (an ``EvalResult`` or its JSON) to
         the model card the next ``save_pretrained``/``push_to_hub`` writes; steps and tokens are recorded already."""
-        from ..card import _eval_rows
+        from ..card import eval_rows
 
         if training:
             self.card_training = {**getattr(self, "card_training", {}), **training}
         if eval_result is not None:
             record = eval_result.to_json() if hasattr(eval_result, "to_json") else dict(eval_result)
-            self.card_eval = [*(getattr(self, "card_eval", None) or []), *_eval_rows(record)]
+            self.card_eval = [*(getattr(self, "card_eval", None) or []), *eval_rows(record)]
 
     def card_context(self, adapter_name: str) -> dict[str, Any]:
         state = self.sieve_states.get(adapter_name)

@@ -2,7 +2,7 @@
 
 Every adapter maps the FFN input ``x`` (D) through a bottleneck of width ``r`` back to D and its output is added
 to the FFN output. The N adapters of a bank are stored as stacked ``[N, r, D]`` / ``[N, D, r]`` factors so that
-D's sum is one pair of GEMMs and R's and E's routed rows go through :func:`~moe_sieve.adapters.experts.grouped_mm`
+D's sum is one pair of GEMMs and R's and E's routed rows go through :func:`~moe_sieve.adapters.sieve.experts.grouped_mm`
 (rows sorted by adapter, one grouped GEMM per factor), the same machinery as Sieve LoRA on fused experts.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..experts import grouped_mm
+from ..sieve.experts import grouped_mm
 from .config import RoutedAdapterConfig
 
 __all__ = ["AdapterBank", "RoutedBlockAdapter", "RoutedExpertAdapter", "load_balancing_terms", "route_top_k"]

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...arch import MoELayer, MoEShape, config_fingerprint, find_moe_layers, get_arch, topk_weights_of
-from ..attach import _seeded, resolve_experts
-from ..experts import restore_experts_implementation, use_sieve_experts
+from ...arch import MoELayer, config_fingerprint, find_moe_layers, topk_weights_of
+from ..factors import ADAPTER_WEIGHTS, load_factors
+from ..methods import AdaptedModule, AdapterState, attach_target
+from ..sieve.experts import restore_experts_implementation, use_sieve_experts
+from ..sieve.model import resolve_experts, seeded
 from .config import RoutedAdapterConfig
 from .layer import RoutedBlockAdapter, RoutedExpertAdapter
 
@@ -30,25 +32,14 @@ NOT_MERGEABLE = (
 
 
 @dataclass
-class RoutedModule:
-    group: str
-    layer: int
-    name: str
-    params: int
-    experts: list[int] = field(default_factory=list)
-
-
-@dataclass
-class RoutedState:
+class RoutedState(AdapterState):
     """What was attached (``model.moe_sieve``), plus R's auxiliary-loss and router-load bookkeeping."""
 
+    GROUPS = ("adapters", "adapter_router")
+    method = "routed"
+
     config: RoutedAdapterConfig
-    experts: dict[int, list[int]]
-    shape: MoEShape
-    base_config_fingerprint: str
-    hidden_size: int
-    modules: list[RoutedModule] = field(default_factory=list)
-    previous_experts_implementation: Any = None
+    hidden_size: int = 0
     handles: list[Any] = field(default_factory=list, repr=False)
     adapters: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     mask_T: torch.Tensor | None = field(default=None, repr=False)
@@ -58,16 +49,6 @@ class RoutedState:
     aux_log: list[dict[str, float]] = field(default_factory=list)
     load_LN: torch.Tensor | None = field(default=None, repr=False)
     disabled: bool = False  # PEFT's disable_adapter(): the hooks add nothing
-
-    def params_by_group(self) -> dict[str, int]:
-        totals = {"adapters": 0, "adapter_router": 0}
-        for module in self.modules:
-            totals[module.group] += module.params
-        return totals
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(module.params for module in self.modules)
 
     def aux_loss(self) -> torch.Tensor | None:
         """R's Switch loss of the last forward, pooled over layers: ``N * sum_j f_j P_j`` (unweighted)."""
@@ -107,9 +88,6 @@ class RoutedState:
             table.add_row(str(m.layer), m.name, str(len(m.experts)) if m.experts else "-", f"{m.params:,}")
         table.caption = f"trainable {self.trainable_params:,}"
         return table
-
-    def __str__(self) -> str:
-        return str(self.table())
 
 
 def _renormalizes(layer: MoELayer, spec: Any, hidden_size: int) -> bool:
@@ -216,11 +194,7 @@ def apply_routed_adapters(
     ``experts="selected"`` only. Fused experts run E inside the ``sieve_lora`` grouped experts forward.
     """
     config = config or RoutedAdapterConfig()
-    if getattr(model, "moe_sieve", None) is not None:
-        raise ValueError("this model already has adapters attached; load a fresh base model")
-    spec = get_arch(model)
-    layers = find_moe_layers(model, spec)
-    shape = MoEShape.of(layers)
+    spec, layers, shape = attach_target(model, "this model already has adapters attached; load a fresh base model")
     hidden_size = int(getattr(model.config, "hidden_size", 0) or 0)
     if hidden_size <= 0:
         raise ValueError("model config has no hidden_size")
@@ -230,11 +204,11 @@ def apply_routed_adapters(
         empty = [layer for layer, ids in experts.items() if not ids]
         if empty:
             raise ValueError(f"variant E: the selection leaves MoE layers {empty} without experts")
-    state = RoutedState(config, experts, shape, config_fingerprint(model.config), hidden_size)
+    state = RoutedState(config, experts, shape, config_fingerprint(model.config), hidden_size=hidden_size)
     for param in model.parameters():
         param.requires_grad_(False)
     fused_e = False
-    with _seeded(config.seed):
+    with seeded(config.seed):
         for layer in layers:
             ref = next(layer.block.parameters())
             kw = {"dtype": ref.dtype, "device": ref.device}
@@ -252,7 +226,7 @@ def apply_routed_adapters(
                         state.handles.append(
                             layer.experts[expert_id].register_forward_hook(_expert_hook(adapter.bank, slot, state))
                         )
-                state.modules.append(RoutedModule("adapters", layer.layer_id, name, _count(adapter), list(ids)))
+                state.modules.append(AdaptedModule("adapters", layer.layer_id, name, _count(adapter), list(ids)))
             else:
                 renorm = {"yes": True, "no": False}.get(config.renormalize)
                 if renorm is None:
@@ -265,10 +239,10 @@ def apply_routed_adapters(
                 adapter = RoutedBlockAdapter(hidden_size, config, renormalize=bool(renorm), **kw)
                 layer.block.routed_adapter = adapter
                 name = f"{layer.name}.routed_adapter"
-                state.modules.append(RoutedModule("adapters", layer.layer_id, name + ".bank", _count(adapter.bank)))
+                state.modules.append(AdaptedModule("adapters", layer.layer_id, name + ".bank", _count(adapter.bank)))
                 if adapter.router is not None:
                     state.modules.append(
-                        RoutedModule("adapter_router", layer.layer_id, name + ".router", adapter.router.weight.numel())
+                        AdaptedModule("adapter_router", layer.layer_id, name + ".router", adapter.router.weight.numel())
                     )
                 if config.base_router_weights:
 
@@ -310,8 +284,6 @@ def remove_routed_adapters(model: nn.Module) -> nn.Module:
 
 def load_routed_adapter(model: nn.Module, path: str | os.PathLike, saved: dict[str, Any]) -> RoutedState:
     """Attach the adapter described by ``saved`` (its adapter_config.json) and copy its weights exactly."""
-    from ..io import ADAPTER_WEIGHTS, load_factors
-
     config = RoutedAdapterConfig.from_json(saved["lora"])
     experts = {int(layer): ids for layer, ids in saved.get("experts", {}).items()} or None
     state = apply_routed_adapters(

@@ -3,37 +3,37 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..arch import ArchSpec, MoELayer, MoEShape, UnsupportedModelError, config_fingerprint, find_moe_layers, get_arch
-from ..profiling.artifact import ProfileMismatchError
-from ..reporting import TextTable
+from ...arch import ArchSpec, MoELayer, UnsupportedModelError, config_fingerprint, find_moe_layers
+from ...profiling.artifact import ProfileMismatchError
+from ...reporting import TextTable
+from ..factors import ADAPTER_WEIGHTS, load_factors, trainable_parameters
+from ..methods import AdaptedModule, AdapterState, attach_target
+from ..tokens import attach_token_rows, merge_token_rows
 from .config import SieveLoraConfig
-from .experts import ExpertLoRA, register_sieve_experts_implementation, use_sieve_experts
-from .lora import LoraLinear, LoraWeightDelta
-from .tokens import attach_token_rows
+from .experts import (
+    ExpertLoRA,
+    register_sieve_experts_implementation,
+    restore_experts_implementation,
+    use_sieve_experts,
+)
+from .layer import LoraLinear, LoraWeightDelta
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 class AdapterMissingError(RuntimeError):
     """A selected expert ended up without an adapter: refuse to train silently without it."""
-
-
-@dataclass
-class AdaptedModule:
-    group: str
-    layer: int | None
-    name: str
-    params: int
-    experts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -56,28 +56,17 @@ class SkippedModule:
 
 
 @dataclass
-class SieveState:
+class SieveState(AdapterState):
     """What was attached, kept on the model as ``model.moe_sieve`` for saving, merging and reporting."""
 
+    GROUPS = ("attention", "router", "shared", "experts")
+    method = "sieve"
+
     config: SieveLoraConfig
-    experts: dict[int, list[int]]
-    shape: MoEShape
-    base_config_fingerprint: str
-    modules: list[AdaptedModule] = field(default_factory=list)
-    previous_experts_implementation: Any = None
     skipped: list[SkippedModule] = field(default_factory=list)
 
-    def params_by_group(self) -> dict[str, int]:
-        totals = {"attention": 0, "router": 0, "shared": 0, "experts": 0}
-        if self.config.tokens:
-            totals["tokens"] = 0
-        for module in self.modules:
-            totals[module.group] += module.params
-        return totals
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(module.params for module in self.modules)
+    def group_names(self) -> tuple[str, ...]:
+        return (*self.GROUPS, "tokens") if self.config.tokens else self.GROUPS
 
     def table(self) -> TextTable:
         """Trainable parameters per layer and group; ``print(state.table())`` prints it as text."""
@@ -115,9 +104,6 @@ class SieveState:
             table.caption += "\nnot adapted: " + "; ".join(unplaced)
         return table
 
-    def __str__(self) -> str:
-        return str(self.table())
-
 
 def resolve_experts(layers: Sequence[MoELayer], selection: Any, mode: str) -> dict[int, list[int]]:
     """Per MoE layer, the routed experts that get adapters, checked against the model."""
@@ -128,7 +114,7 @@ def resolve_experts(layers: Sequence[MoELayer], selection: Any, mode: str) -> di
     if selection is None:
         raise ValueError("experts='selected' needs a selection (a Selection, its JSON path, or a dict)")
     if isinstance(selection, (str, bytes)) or hasattr(selection, "__fspath__"):
-        from ..selection import Selection
+        from ...selection import Selection
 
         selection = Selection.load(selection)
     experts: Mapping[int, Sequence[int]] = getattr(selection, "experts", selection)
@@ -184,7 +170,7 @@ def _linears(module: nn.Module, prefix: str, leaf_names: Sequence[str] | None) -
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
+def seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
@@ -201,11 +187,7 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     the ``sieve_lora`` experts implementation; ModuleList experts get per-projection LoRA.
     """
     config = config or SieveLoraConfig()
-    if getattr(model, "moe_sieve", None) is not None:
-        raise ValueError("this model already has Sieve LoRA adapters; load a fresh base model")
-    spec = get_arch(model)
-    layers = find_moe_layers(model, spec)
-    shape = MoEShape.of(layers)
+    spec, layers, shape = attach_target(model, "this model already has Sieve LoRA adapters; load a fresh base model")
     experts = resolve_experts(layers, selection, config.experts)
     state = SieveState(config, experts, shape, config_fingerprint(model.config))
     for param in model.parameters():
@@ -219,7 +201,7 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     def skip(group: str, layer: int | None, name: str, reason: str) -> None:
         state.skipped.append(SkippedModule(group, layer, name, reason))
 
-    with _seeded(config.seed):
+    with seeded(config.seed):
         if "attention" in config.targets:
             _attach_attention(model, spec, layers, config, add, skip)
         if "shared" in config.targets and not any(layer.shared for layer in layers):
@@ -268,7 +250,7 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
                         f"{why}; train without the experts target (--targets attention,router,shared)"
                     )
                 if layer.layout.storage == "fused":
-                    lora = ExpertLoRA.for_experts(layer.experts, ids, config.r, config.alpha, config.dropout)
+                    lora = fused_expert_lora(layer, ids, config)
                     layer.experts.sieve_lora = lora
                     add(
                         "experts",
@@ -278,12 +260,13 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
                         ids,
                     )
                 else:
-                    params = []
-                    for expert_id in ids:
-                        prefix = f"{layer.experts_name}.{expert_id}"
-                        for name in _linear_children(layer.experts[expert_id], prefix, spec.mlp_projections):
-                            params += _lora_params(_wrap_linear(model, name, config, config.dropout))
-                    add("experts", layer.experts_name, params, layer.layer_id, ids)
+                    add(
+                        "experts",
+                        layer.experts_name,
+                        wrap_listed_experts(model, layer, ids, spec, config),
+                        layer.layer_id,
+                        ids,
+                    )
     if any(
         "experts" in config.targets and experts[layer.layer_id] and layer.layout.storage == "fused" for layer in layers
     ):
@@ -294,6 +277,24 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     model.moe_sieve = state
     verify_adapters(model)
     return state
+
+
+def fused_expert_lora(layer: MoELayer, ids: Sequence[int], config: SieveLoraConfig) -> ExpertLoRA:
+    """The activation-space LoRA of experts ``ids`` of a fused (3D) experts module (not yet attached)."""
+    return ExpertLoRA.for_experts(layer.experts, ids, config.r, config.alpha, config.dropout)
+
+
+def wrap_listed_experts(
+    model: nn.Module, layer: MoELayer, ids: Sequence[int], spec: ArchSpec, config: SieveLoraConfig
+) -> list[nn.Parameter]:
+    """LoRA on every projection of experts ``ids`` of a ModuleList experts layer, in place; returns the new
+    factors (attach and ``--reselect grow`` both add experts this way)."""
+    params: list[nn.Parameter] = []
+    for expert_id in ids:
+        prefix = f"{layer.experts_name}.{expert_id}"
+        for name in _linear_children(layer.experts[expert_id], prefix, spec.mlp_projections):
+            params += _lora_params(_wrap_linear(model, name, config, config.dropout))
+    return params
 
 
 def _is_attention(name: str, module: nn.Module, spec: ArchSpec) -> bool:
@@ -431,5 +432,50 @@ def verify_adapters(model: nn.Module) -> None:
             raise AdapterMissingError(f"layer {layer.layer_id}: unselected experts {extra} carry adapters")
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def load_sieve(model: nn.Module, path: str | os.PathLike, saved: dict[str, Any]) -> SieveState:
+    """Attach the adapter described by ``saved`` (its adapter_config.json) and copy its factors exactly."""
+    lora_config = SieveLoraConfig.from_json(saved["lora"])
+    experts = {int(layer): ids for layer, ids in saved["experts"].items()}
+    state = apply_sieve_lora(model, experts, lora_config)
+    load_factors(model, Path(path) / ADAPTER_WEIGHTS)
+    return state
+
+
+def merge_sieve(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update (and any trained token rows) into the base weights and remove the adapters, in
+    place (the sieve method's ``merge``; call it through :func:`~moe_sieve.adapters.io.merge_sieve_lora`)."""
+    state = model.moe_sieve
+    bad = [name for name, p in trainable_parameters(model).items() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(
+            f"the adapter has non-finite (NaN/inf) values in {len(bad)} tensors (e.g. {bad[0]}); refusing to merge "
+            "it into the base weights"
+        )
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLinear):
+                parent_name, _, leaf = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, leaf, module.merged())
+        merge_token_rows(model)
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module, "weight") and any(
+                isinstance(p, LoraWeightDelta) for p in module.parametrizations.weight
+            ):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        for layer in find_moe_layers(model):
+            lora = getattr(layer.experts, "sieve_lora", None)
+            if lora is None:
+                continue
+            ids = lora.expert_ids
+            for param_name, delta in lora.delta_weights().items():
+                weight = getattr(layer.experts, param_name)
+                acc = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64
+                weight[ids] = (weight[ids].to(acc) + delta.to(acc)).to(weight.dtype)
+            del layer.experts.sieve_lora
+    if state.previous_experts_implementation is not None:
+        restore_experts_implementation(model, state.previous_experts_implementation)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    del model.moe_sieve
+    return model
