@@ -20,8 +20,8 @@ import torch
 from _shapes import PRESETS, build_model
 
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
+from moe_sieve.adapters.guard import install_expert_guard
 from moe_sieve.arch import find_moe_layers
-from moe_sieve.training.guard import install_expert_guard
 
 
 def main(argv: list[str] | None = None) -> dict:

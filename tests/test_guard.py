@@ -13,10 +13,10 @@ import torch
 from transformers import TrainerCallback
 
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora
+from moe_sieve.adapters.guard import UntrainedExpertError, _contributing_mask, install_expert_guard
 from moe_sieve.adapters.sieve.experts import _set_experts_implementation, iter_fused_experts
 from moe_sieve.arch import find_moe_layers, get_arch
 from moe_sieve.profiling.recorder import RoutingRecorder
-from moe_sieve.training.guard import UntrainedExpertError, _contributing_mask, install_expert_guard
 
 from .conftest import build_tiny, small_train_config
 

@@ -19,10 +19,10 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import moe_sieve  # noqa: E402
 from moe_sieve.adapters import SieveLoraConfig, apply_sieve_lora, trainable_parameters  # noqa: E402
+from moe_sieve.adapters.guard import UntrainedExpertError  # noqa: E402
 from moe_sieve.adapters.sieve.experts import _set_experts_implementation, iter_fused_experts  # noqa: E402
 from moe_sieve.arch import find_moe_layers  # noqa: E402
 from moe_sieve.modeling import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from moe_sieve.training.guard import UntrainedExpertError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
 ROOT = Path(__file__).resolve().parent.parent

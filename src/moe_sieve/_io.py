@@ -338,9 +338,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
         _link_file(src, dst)
 
 
-_link_or_copy = link_or_copy  # issue 19: still imported under this name on branch methods; drop it at merge
-
-
 def _link_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if os.path.islink(src):
         os.symlink(os.readlink(src), dst)

@@ -460,9 +460,6 @@ def compact_ids(ids: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-_compact = compact_ids  # issue 19: still imported under this name on branch methods; drop it at merge
-
-
 def selection_coverage(selection: Selection, counts_LE: Any, layer_ids: Sequence[int] | None = None) -> dict:
     """Share of each layer's activations that the selected experts receive.
 

@@ -21,9 +21,9 @@ TAGS = ("moe-sieve", "peft", "lora", "mixture-of-experts")
 
 
 def _compact(ids: list[int]) -> str:
-    from ..selection import _compact
+    from ..selection import compact_ids
 
-    return _compact(ids) if ids else "-"
+    return compact_ids(ids) if ids else "-"
 
 
 def _num(value: Any) -> str:

@@ -29,9 +29,6 @@ def fused_routing(args: tuple, kwargs: dict, module: torch.nn.Module) -> tuple[t
     return index, weights
 
 
-_fused_routing = fused_routing  # issue 19: still imported under this name on branch methods; drop it at merge
-
-
 class RoutingRecorder:
     """Context manager that records routing for one batch at a time.
 

@@ -64,7 +64,7 @@ class RunInfo:
         ``trainer_state.json`` log history (which ends at that checkpoint); None when neither exists."""
         curve = (self.metrics or {}).get("loss_curve")
         if isinstance(curve, dict) and curve.get("step") and len(curve["step"]) == len(curve.get("loss") or []):
-            pairs = [(int(s), _float(v)) for s, v in zip(curve["step"], curve["loss"], strict=True)]
+            pairs = [(int(s), as_float(v)) for s, v in zip(curve["step"], curve["loss"], strict=True)]
             return _unzip(pairs)
         if self.run_dir is None:
             return None
@@ -75,7 +75,7 @@ class RunInfo:
         )
         state = _read_json(states[-1][1]) if states else None
         history = (state or {}).get("log_history") or []
-        pairs = [(int(h["step"]), _float(h["loss"])) for h in history if "loss" in h and "step" in h]
+        pairs = [(int(h["step"]), as_float(h["loss"])) for h in history if "loss" in h and "step" in h]
         return _unzip(pairs)
 
 
@@ -90,11 +90,11 @@ class StudyData:
 
     @property
     def finished(self) -> list[RunInfo]:
-        return [r for r in self.runs if _float(r.row.get("accuracy")) is not None]
+        return [r for r in self.runs if as_float(r.row.get("accuracy")) is not None]
 
     def with_metric(self, metric: str) -> list[RunInfo]:
         """The runs that have a value of ``metric`` (the ones compare-runs reads)."""
-        return [r for r in self.runs if _float(r.row.get(metric)) is not None]
+        return [r for r in self.runs if as_float(r.row.get(metric)) is not None]
 
     @property
     def num_experts(self) -> int | None:
@@ -108,7 +108,7 @@ class StudyData:
         return max(ks) if ks else None
 
 
-def _float(value: Any) -> float | None:
+def as_float(value: Any) -> float | None:
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -198,7 +198,7 @@ def load_study(
         if not rows and data.profiles is None:
             raise ValueError(f"{results}: no runs in it (only a header), and no profiles: nothing to report")
         data.runs = [_run_info(root, row) for row in rows]
-        data.skipped_rows = sum(1 for r in data.runs if _float(r.row.get("accuracy")) is None)
+        data.skipped_rows = sum(1 for r in data.runs if as_float(r.row.get("accuracy")) is None)
     if data.profiles is None and data.results_path is None:
         raise FileNotFoundError(
             f"{root}: nothing to report (expected results.csv and/or profiles/ or a profile set's {SET_FILE})"

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text, read_json_object
 from ..adapters.methods import find_adapter_method
 from .config import RunSpec
-from .pipeline import ERROR_FILE, EVAL_FILE, _read_json, is_finished
+from .pipeline import ERROR_FILE, EVAL_FILE, is_finished
 
 COLUMNS = (
     "run_id",
@@ -111,7 +111,7 @@ def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
         **_method_columns(spec),
     )
     if is_finished(run_dir, spec):
-        ev, metrics = _read_json(run_dir / EVAL_FILE) or {}, _read_json(run_dir / "metrics.json") or {}
+        ev, metrics = read_json_object(run_dir / EVAL_FILE) or {}, read_json_object(run_dir / "metrics.json") or {}
         k = ev.get("experts_per_layer")
         row.update(
             status="finished",
@@ -139,7 +139,7 @@ def run_row(spec: RunSpec, study: Path) -> dict[str, Any]:
         convergence = metrics.get("convergence") if isinstance(metrics.get("convergence"), dict) else {}
         converged = convergence.get("converged")
         row[CONVERGED] = str(converged) if isinstance(converged, bool) else None
-    elif (error := _read_json(run_dir / ERROR_FILE)) is not None:
+    elif (error := read_json_object(run_dir / ERROR_FILE)) is not None:
         status = "interrupted" if error.get("interrupted") else "failed"
         row.update(status=status, error=str(error.get("error", "unknown error")))
     else:

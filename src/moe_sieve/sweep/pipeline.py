@@ -25,9 +25,6 @@ def record_interrupted(run_dir: Path, run_id: str | None = None) -> None:
     atomic_write_json(Path(run_dir) / ERROR_FILE, {"run_id": run_id, "error": error, "interrupted": True})
 
 
-_read_json = read_json_object  # issue 19: sweep/gather.py still imports this name; drop it at merge
-
-
 def is_finished(run_dir: str | Path, spec: RunSpec | None = None) -> bool:
     """Adapter, metrics and a complete evaluation, produced with ``spec``'s settings (when given)."""
     run_dir = Path(run_dir)

@@ -267,7 +267,7 @@ def keep_foreign_files(run_dir: Path, work: Path, config: TrainConfig) -> None:
     """What ``--overwrite`` keeps of the old run when it swaps in the new one: files ``train`` does not write (a
     sweep's run.json and worker.log, notes of the user) and this run's own inputs (``--profile RUN/profile``),
     so that config.json never names a file that is gone; none of the old run's other artifacts."""
-    from .._io import _link_or_copy
+    from .._io import link_or_copy
     from .monitor import TRACE_FILE
     from .reselect import RESELECT_FILE
 
@@ -276,7 +276,7 @@ def keep_foreign_files(run_dir: Path, work: Path, config: TrainConfig) -> None:
     for entry in run_dir.iterdir():
         wanted = entry.resolve() in inputs or (entry.name not in owned and not entry.name.startswith("."))
         if wanted and not (work / entry.name).exists():
-            _link_or_copy(entry, work / entry.name)
+            link_or_copy(entry, work / entry.name)
 
 
 def _broadcast(value: Any, state: Any) -> Any:

@@ -106,10 +106,10 @@ class SieveTrainer(Trainer):
 
     def _install_expert_guard(self, steps: int) -> Any:
         """The first ``steps`` optimizer steps check that every selected expert with tokens gets a gradient
-        (training/guard.py), for the methods that ask for it (sieve LoRA); FSDP2 shards the factors across
+        (adapters/guard.py), for the methods that ask for it (sieve LoRA); FSDP2 shards the factors across
         processes, so it is skipped there."""
+        from ..adapters.guard import install_expert_guard
         from ..adapters.methods import AdapterState, method_of
-        from .guard import install_expert_guard
 
         adapters = getattr(self.model, "moe_sieve", None)
         if steps <= 0 or not isinstance(adapters, AdapterState) or not method_of(adapters).expert_guard:

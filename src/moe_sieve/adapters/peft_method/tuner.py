@@ -248,7 +248,7 @@ class SieveModel(BaseTuner):
         self._apply_aux_choice(model, config)
         self._handles.append(model.register_forward_pre_hook(self._training_forward, with_kwargs=True))
         if config.guard_steps > 0:
-            from ...training.guard import install_expert_guard
+            from ..guard import install_expert_guard
 
             self.guard = install_expert_guard(model, config.guard_steps)
         ref = weakref.ref(self)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..blocks import Section, Table
-from ..data import RunInfo, StudyData, _float
+from ..data import RunInfo, StudyData, as_float
 
 
 def _bytes(n: float | None) -> str:
@@ -52,14 +52,14 @@ def cost_section(data: StudyData, ref: str | None) -> Section | None:
     for run in data.finished:
         groups[(run.row["model"], run.row["task"], run.row["condition"])].append(run)
     present = [
-        c for c in _COST_COLUMNS if any(_float(r.row.get(c[0])) is not None for rs in groups.values() for r in rs)
+        c for c in _COST_COLUMNS if any(as_float(r.row.get(c[0])) is not None for rs in groups.values() for r in rs)
     ]
     if not present:
         return None
 
     def mean(runs: list[RunInfo], col: str) -> float | None:
         usable = [r for r in runs if not (col in _TIMED and r.wall_time_partial)]
-        values = [v for v in (_float(r.row.get(col)) for r in usable) if v is not None]
+        values = [v for v in (as_float(r.row.get(col)) for r in usable) if v is not None]
         return float(np.mean(values)) if values else None
 
     headers = ["model", "task", "condition"]

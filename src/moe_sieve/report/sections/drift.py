@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import figures
 from ..blocks import Figure, Section, Table, fmt
-from ..data import StudyData, _float
+from ..data import StudyData, as_float
 
 DRIFT_PLOT_MAX_RUNS = 6
 
@@ -38,7 +38,7 @@ def drift_section(data: StudyData) -> Section | None:
     traced: dict[str, list[tuple[int, Path]]] = defaultdict(list)
     for run in data.finished:
         if run.run_dir is not None and (run.run_dir / TRACE_FILE).is_file():
-            seed = int(_float(run.row.get("seed")) or 0)
+            seed = int(as_float(run.row.get("seed")) or 0)
             label = " / ".join(v for v in (run.row.get("model"), run.row.get("task"), run.row.get("condition")) if v)
             traced[label].append((seed, run.run_dir))
     if not traced:

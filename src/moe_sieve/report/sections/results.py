@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ...runstats import compare_runs, metric_info, read_runs, unit_note
 from ..blocks import Section, Table, fmt
-from ..data import RunInfo, StudyData, _float
+from ..data import RunInfo, StudyData, as_float
 from .claims import claims_section, forest_section
 from .context import NOT_CONVERGED, ResultsContext
 from .controls import controls_section
@@ -203,8 +203,8 @@ def _unconverged_table(runs: list[RunInfo]) -> Table:
                 r.row.get("run_id", "?"),
                 r.row.get("condition", "?"),
                 str(r.row.get("seed", "?")),
-                fmt(_float(c.get("rel_drop")), ".4f"),
-                fmt(_float(c.get("threshold")), ".4f"),
+                fmt(as_float(c.get("rel_drop")), ".4f"),
+                fmt(as_float(c.get("threshold")), ".4f"),
                 fmt(c.get("window"), "d") if isinstance(c.get("window"), int) else "–",
             ]
         )

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..adapters.sieve.model import AdapterMissingError
 from ..arch import MoELayer, find_moe_layers, get_arch, read_routing
-from ..profiling.recorder import _fused_routing
+from ..profiling.recorder import fused_routing
+from .sieve.model import AdapterMissingError
 
 __all__ = ["ExpertGroup", "ExpertGuard", "UntrainedExpertError", "install_expert_guard", "sieve_groups"]
 
@@ -54,8 +54,8 @@ Collect = Callable[[], dict[int, list[ExpertGroup]]]
 def sieve_groups(model: nn.Module, layers: Sequence[MoELayer] | None = None) -> dict[int, list[ExpertGroup]]:
     """The adapter parameters of each selected expert, as attached now: moe-sieve's own ``ExpertLoRA``/
     ``LoraLinear`` or the active adapter of a moe-sieve PEFT model."""
-    from ..adapters.sieve.experts import ExpertLoRA
-    from ..adapters.sieve.layer import LoraLinear
+    from .sieve.experts import ExpertLoRA
+    from .sieve.layer import LoraLinear
 
     groups: dict[int, list[ExpertGroup]] = {}
     for layer in layers or find_moe_layers(model):
@@ -180,7 +180,7 @@ class ExpertGuard:
     def _fused_hook(self, layer: MoELayer):
         def hook(module, args, kwargs):
             if self._counting(module):
-                index, _ = _fused_routing(args, kwargs, module)
+                index, _ = fused_routing(args, kwargs, module)
                 self._count(layer, index)
 
         return hook
