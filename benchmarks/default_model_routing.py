@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moe_sieve.minitasks.generate import generate_minitasks
 from moe_sieve.profiling import ProfileConfig, run_profile
-from moe_sieve.stats import routing_stats
+from moe_sieve.routing_stats import routing_stats
 
 
 def main() -> None:

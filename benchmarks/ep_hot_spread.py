@@ -22,7 +22,7 @@ import torch
 from moe_sieve.adapters.ep import hot_spread, spread_owner_LE
 from moe_sieve.data.tasks import Example
 from moe_sieve.profiling.profiler import profile_examples
-from moe_sieve.stats import resolve_k
+from moe_sieve.routing_stats import resolve_k
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -49,8 +49,8 @@ from moe_sieve.adapters.sieve.experts import (
 from moe_sieve.adapters.sieve.memory import SavedTensorMeter, sieve_experts_saved_bytes, training_state_bytes
 from moe_sieve.arch import find_moe_layers, get_arch
 from moe_sieve.profiling import RoutingRecorder
+from moe_sieve.routing_stats import resolve_k
 from moe_sieve.selection import select_topk
-from moe_sieve.stats import resolve_k
 
 DEFAULT_CONDITIONS = "floor,floor-sieve,sieve-hot,sieve-all,peft-all"
 # Dense bf16 tensor-core peak by device name (vendor spec sheets, SXM parts); MFU is n/a elsewhere.

@@ -118,7 +118,7 @@ def peft_card(tmp_path):
 def test_peft_card_fields(peft_card):
     import peft
 
-    from moe_sieve.stats import routing_stats
+    from moe_sieve.routing_stats import routing_stats
 
     meta, sections, rows = parse_card(peft_card["text"])
     model, profile, sel = peft_card["model"], peft_card["profile"], peft_card["selection"]

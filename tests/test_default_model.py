@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moe_sieve.demo import DEFAULT_MODEL_ALIAS, DemoConfig, default_model_path, run_demo
 from moe_sieve.modeling import resolve_model_path
 from moe_sieve.profiling import ProfileConfig, run_profile
-from moe_sieve.stats import global_cv, layer_cv
+from moe_sieve.routing_stats import global_cv, layer_cv
 
 pytestmark = pytest.mark.skipif(
     not (default_model_path() / "model.safetensors").exists(), reason="embedded model not built"

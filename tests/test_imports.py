@@ -40,9 +40,9 @@ LAYERS: dict[str, int] = {
     "_version": 0,
     # 1: model-family knowledge and pure statistics, no model loading
     "arch": 1,
-    "stats": 1,  # routing statistics of a profile
-    "runstats": 1,  # multi-seed statistics of runs
-    "reporting": 1,  # rich tables for the terminal
+    "routing_stats": 1,  # routing statistics of a profile
+    "seed_stats": 1,  # multi-seed statistics of runs
+    "tables": 1,  # rich tables for the terminal
     "cputhreads": 1,
     "tiny": 1,
     # 2: loading models, choosing experts, datasets, generated tasks

@@ -19,8 +19,8 @@ from moe_sieve.profiling import Profile, ProfileConfig, run_profile
 from moe_sieve.profiling.profile_set import load_profile_set, set_stats
 from moe_sieve.report import figures as report_figures
 from moe_sieve.report import write_report
+from moe_sieve.routing_stats import routing_stats, selection_jaccard
 from moe_sieve.selection import Selection, select_topk
-from moe_sieve.stats import routing_stats, selection_jaccard
 from moe_sieve.sweep.gather import COLUMNS as RESULT_COLUMNS
 from moe_sieve.sweep.gather import FIELDNAMES
 

@@ -7,6 +7,7 @@ import torch
 from rich.console import Console
 
 from moe_sieve._io import ArtifactExistsError
+from moe_sieve.routing_stats import selection_jaccard
 from moe_sieve.selection import (
     Selection,
     make_selection,
@@ -16,7 +17,6 @@ from moe_sieve.selection import (
     select_topk,
     selection_table,
 )
-from moe_sieve.stats import selection_jaccard
 
 
 def _coverage_sum(counts_LE, experts):

@@ -21,8 +21,8 @@ from .arch import ArchSpec, MoELayer, UnsupportedModelError, find_moe_layers, re
 from .data.tasks import Example, load_examples
 from .modeling import default_model_path
 from .profiling import Profile, ProfileConfig, ProfileMismatchError, profile_model, run_profile
+from .routing_stats import RoutingStats, routing_stats, subsample_stability
 from .selection import Selection, make_selection, register_strategy
-from .stats import RoutingStats, routing_stats, subsample_stability
 
 __all__ = [
     "ArchSpec",

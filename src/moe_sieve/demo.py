@@ -45,10 +45,10 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, console: Console | 
     from .minitasks.generate import generate_minitasks
     from .modeling import ModelSpec, load_model, load_tokenizer
     from .profiling import ProfileConfig, run_profile
-    from .reporting import stats_table
+    from .routing_stats import routing_stats
     from .selection import make_selection, selection_table
-    from .stats import routing_stats
     from .sweep.pipeline import train_and_evaluate
+    from .tables import stats_table
     from .training import TrainConfig
 
     console = console or Console()

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._io import atomic_write_json, ensure_writable
 from ._version import __version__
-from .stats import KLike, check_layer_ids, resolve_k, resolve_per_layer_k, to_numpy, topk_order
+from .routing_stats import KLike, check_layer_ids, resolve_k, resolve_per_layer_k, to_numpy, topk_order
 
 if TYPE_CHECKING:
     from rich.table import Table

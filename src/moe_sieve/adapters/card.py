@@ -177,8 +177,8 @@ def profile_summary(profile: Any, experts: dict[str, list[int]]) -> tuple[dict[s
     """What the card says about a routing profile (data, size, statistics at the selection's k) and the share of
     each layer's profiled routing that the selected experts receive."""
     from ..profiling import Profile
+    from ..routing_stats import routing_stats
     from ..selection import Selection, selection_coverage
-    from ..stats import routing_stats
 
     prof = profile if isinstance(profile, Profile) else Profile.load(os.fspath(profile))
     sizes = [len(ids) for ids in experts.values()]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..stats import resolve_k
+from ..routing_stats import resolve_k
 from .plan import load_config
 from .sieve.config import SieveLoraConfig
 from .sieve.memory import sieve_experts_saved_bytes

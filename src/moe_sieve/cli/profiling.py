@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..reporting import stats_table
 from ..selection import strategy_help
+from ..tables import stats_table
 from .common import DEFAULT_MODEL, DataOpt, JsonOpt, KOpt, ModelOpt, console, fail
 
 
@@ -100,7 +100,7 @@ def stats(
     profile set (`profile --data a,b,c`): per-dataset rows, the cross-dataset Jaccard matrix and Table 2."""
     from ..profiling import Profile
     from ..profiling.profile_set import is_profile_set, profile_stats
-    from ..stats import check_k, check_trials
+    from ..routing_stats import check_k, check_trials
 
     check_k(k)
     check_trials(stability_trials)
@@ -131,7 +131,7 @@ def stats(
 
 def _set_stats(path: Path, k: str, as_json: bool, fraction: float, trials: int, seed: int) -> None:
     from ..profiling.profile_set import load_profile_set, set_stats
-    from ..reporting import jaccard_table, set_summary_table
+    from ..tables import jaccard_table, set_summary_table
 
     report = set_stats(load_profile_set(path), k, fraction, trials, seed)
     report["path"] = str(path)
@@ -146,8 +146,8 @@ def _set_stats(path: Path, k: str, as_json: bool, fraction: float, trials: int, 
 def _experts_of(path: Path, k: str, rank_by: str) -> tuple[str, dict[int, list[int]]]:
     """A selection file as is, or a profile directory's uniform top-k."""
     from ..profiling import Profile
+    from ..routing_stats import resolve_k
     from ..selection import Selection, select_topk
-    from ..stats import resolve_k
 
     if path.is_file():
         return path.stem, Selection.load(path).experts
@@ -163,7 +163,7 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Mean per-layer Jaccard overlap between the top-k expert sets of several profiles (e.g. tasks)."""
-    from ..stats import selection_jaccard
+    from ..routing_stats import selection_jaccard
 
     if rank_by not in ("count", "mass"):
         fail(f"--rank-by must be count or mass, got {rank_by!r}")

@@ -42,8 +42,8 @@ def compare_runs_command(
     """Mean and seed std per condition; paired per-seed delta vs --reference with a 95% t interval, the
     paired t-test, TOST equivalence at each margin and the seed-std ratio (paper Tables 3, 6, 8). Warns when a
     compared condition holds runs whose training had not converged (results.csv column converged)."""
-    from ..reporting import comparison_table
-    from ..runstats import compare_runs_csv, convergence_warning, metric_info, unit_note
+    from ..seed_stats import compare_runs_csv, convergence_warning, metric_info, unit_note
+    from ..tables import comparison_table
 
     rows, skipped = compare_runs_csv(results, reference, margins, metric, alpha, unit=unit)
     for prefix, line in (("Note", unit_note(metric_info(metric, unit))), ("Warning", convergence_warning(rows))):
@@ -80,8 +80,8 @@ def report(
     data are left out."""
     from .._io import ensure_writable
     from ..report import write_report
-    from ..runstats import metric_info, parse_margins
-    from ..stats import check_k, check_trials
+    from ..routing_stats import check_k, check_trials
+    from ..seed_stats import metric_info, parse_margins
 
     info = metric_info(metric, unit)
     check_k(k)

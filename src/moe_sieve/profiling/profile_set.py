@@ -132,7 +132,7 @@ def profile_stability(
 ) -> dict[str, Any]:
     """Subsample stability of one profile (§3.3), as JSON: how well ``fraction`` of its examples recovers its
     top-k, over ``trials`` seeded draws."""
-    from ..stats import resolve_k, subsample_stability
+    from ..routing_stats import resolve_k, subsample_stability
 
     k_int = resolve_k(k, prof.num_experts)
     return subsample_stability(prof.example_counts_NLE, fraction, k_int, trials=trials, seed=seed).to_json()
@@ -148,7 +148,7 @@ def profile_stats(
 ) -> dict[str, Any]:
     """Every §3 statistic of one profile, as ``moe-sieve stats --json`` prints it: the routing skew, the subsample
     stability (unless ``stability_trials`` is 0) and what the profile is (``path``, fingerprint, model, data)."""
-    from ..stats import routing_stats
+    from ..routing_stats import routing_stats
 
     report = routing_stats(prof.counts_LE, prof.mass_LE, layer_ids=prof.layer_ids, k=k).to_json()
     if stability_trials > 0:
@@ -175,7 +175,7 @@ def set_stats(
     the per-model summary of Table 2 (means over datasets; ratio = mean layer CV / mean global CV)."""
     import numpy as np
 
-    from ..stats import coverage_with_shared, jaccard_matrix, routing_stats
+    from ..routing_stats import coverage_with_shared, jaccard_matrix, routing_stats
 
     datasets = []
     for name, prof in profiles.items():

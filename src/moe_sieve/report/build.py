@@ -24,7 +24,7 @@ def build_sections(
     unit: str | None = None,
 ) -> tuple[list[Section], Any]:
     """The sections of the report of ``study_dir`` (and the study data they came from); the results sections
-    compare ``metric`` (any numeric results.csv column, in its registered unit; see runstats.METRICS)."""
+    compare ``metric`` (any numeric results.csv column, in its registered unit; see seed_stats.METRICS)."""
     data = load_study(study_dir, k=k, stability_trials=stability_trials)
     sections = results_sections(data, reference, margins, metric=metric, unit=unit, k=k)
     sections += profiling_sections(data)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runstats import ComparisonRow, MetricInfo, RunRecord, compare_runs
+from ..seed_stats import ComparisonRow, MetricInfo, RunRecord, compare_runs
 
 HELD, NOT_HELD, UNTESTABLE = "held here", "not held here", "not testable here"
 VERDICTS = (HELD, NOT_HELD, UNTESTABLE)

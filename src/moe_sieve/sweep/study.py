@@ -58,8 +58,8 @@ def run_study(
         from rich.console import Console
 
         from ..report import write_report
-        from ..reporting import comparison_table
-        from ..runstats import compare_runs_csv
+        from ..seed_stats import compare_runs_csv
+        from ..tables import comparison_table
 
         for i, metric in enumerate(config.metrics):
             suffix = "" if i == 0 else f"-{metric}"

@@ -179,7 +179,7 @@ class TrainConfig:
         if self.max_length < 2:
             raise ValueError("--max-length must be >= 2: a causal LM learns a token only from the tokens before it")
         if self.strategy in SELECTION_STRATEGIES and SELECTION_STRATEGIES[self.strategy].uses_k:
-            from ..stats import check_k
+            from ..routing_stats import check_k
 
             check_k(self.k, "--k")
         if self.batch_size % self.micro_batch_size:

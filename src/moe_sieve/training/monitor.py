@@ -322,7 +322,7 @@ def build_monitor(
     if config.monitor_every <= 0:
         return None
     from ..arch import MoEShape, find_moe_layers
-    from ..stats import resolve_k
+    from ..routing_stats import resolve_k
 
     layers = find_moe_layers(model)
     shape = MoEShape.of(layers)

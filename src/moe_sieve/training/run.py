@@ -309,7 +309,7 @@ def profile_distributed(model: Any, batches: list, num_examples: int, state: Any
 
 def _given_inputs(config: TrainConfig, model: Any) -> tuple[Selection | None, Profile | None]:
     """Load and check a given --selection or --profile and --k against the model, before any work."""
-    from ..stats import resolve_k
+    from ..routing_stats import resolve_k
 
     shape = MoEShape.of(find_moe_layers(model))
     if config.experts_mode != "selected":

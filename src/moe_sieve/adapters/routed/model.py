@@ -76,7 +76,7 @@ class RoutedState(AdapterState):
 
     def table(self):
         """Trainable parameters per module; ``print(state.table())`` prints it as text."""
-        from ...reporting import TextTable
+        from ...tables import TextTable
 
         cfg = self.config
         table = TextTable(
@@ -297,7 +297,7 @@ def load_routed_adapter(model: nn.Module, path: str | os.PathLike, saved: dict[s
 def plan_routed(model: str | Any, config: RoutedAdapterConfig, k: str | int = "25%", trust_remote_code: bool = False):
     """Trainable parameters from the config alone (meta device), as counted and as the documented formula,
     and their share of the total and of the activated (per-token) parameters."""
-    from ...stats import resolve_k
+    from ...routing_stats import resolve_k
     from ..plan import ADAMW_STATE_BYTES, load_config, meta_model
 
     hf_config = load_config(model, trust_remote_code) if isinstance(model, (str, Path)) else model

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from ...arch import ArchSpec, MoELayer, UnsupportedModelError, config_fingerprint, find_moe_layers
 from ...profiling.artifact import ProfileMismatchError
-from ...reporting import TextTable
+from ...tables import TextTable
 from ..factors import ADAPTER_WEIGHTS, load_factors, trainable_parameters
 from ..methods import AdaptedModule, AdapterState, attach_target
 from ..tokens import attach_token_rows, merge_token_rows

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...arch import find_moe_layers
-from ...stats import resolve_k
+from ...routing_stats import resolve_k
 from ..plan import ADAMW_STATE_BYTES, load_config, meta_model
 from .config import SieveLoraConfig
 from .model import apply_sieve_lora

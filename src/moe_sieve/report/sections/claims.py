@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from ...runstats import ComparisonRow
+from ...seed_stats import ComparisonRow
 from .. import figures
 from ..blocks import Figure, Section, Table
 from ..data import StudyData
@@ -13,7 +13,7 @@ from .context import ResultsContext
 
 def _budget(data: StudyData, k: str) -> tuple[int | None, str]:
     """The report's budget ``--k`` in experts per layer, and how it was found (or why it could not be)."""
-    from ...stats import resolve_k
+    from ...routing_stats import resolve_k
 
     experts = data.num_experts
     if experts is not None:

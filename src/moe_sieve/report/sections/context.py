@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...runstats import ComparisonRow, MetricInfo, RunRecord
+from ...seed_stats import ComparisonRow, MetricInfo, RunRecord
 from ..data import RunInfo, StudyData
 
 NOT_CONVERGED = "†"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ...runstats import compare_runs
+from ...seed_stats import compare_runs
 from ..blocks import Section, Table, fmt
 from .context import ResultsContext
 

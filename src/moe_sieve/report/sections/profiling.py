@@ -141,7 +141,7 @@ def profiling_sections(data: StudyData) -> list[Section]:
         "Mean Jaccard between the top-k of a random subsample of each calibration set and the top-k of the "
         "whole set, over seeded trials (error bar: std over trials).",
     )
-    from ...stats import coverage_curve, coverage_with_shared
+    from ...routing_stats import coverage_curve, coverage_with_shared
 
     for model, rows in _by_model(stats).items():
         suffix = f" — {model}" if many_models else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from ...runstats import compare_runs, metric_info, read_runs, unit_note
+from ...seed_stats import compare_runs, metric_info, read_runs, unit_note
 from ..blocks import Section, Table, fmt
 from ..data import RunInfo, StudyData, as_float
 from .claims import claims_section, forest_section

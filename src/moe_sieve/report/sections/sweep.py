@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ...runstats import ComparisonRow
+from ...seed_stats import ComparisonRow
 from .. import figures
 from ..blocks import Figure, Section, Table, fmt
 from .context import ResultsContext

@@ -10,7 +10,7 @@ from statsmodels.stats.weightstats import ttost_paired
 from typer.testing import CliRunner
 
 from moe_sieve.cli import app
-from moe_sieve.runstats import compare_runs_csv, parse_margins
+from moe_sieve.seed_stats import compare_runs_csv, parse_margins
 
 COLUMNS = ["run_id", "model", "task", "condition", "k", "seed", "status", "error", "accuracy"]
 
@@ -324,7 +324,7 @@ def test_compare_runs_warns_once_about_unconverged_runs(tmp_path):
 
 
 def test_gather_writes_likelihood_metrics_and_convergence(tmp_path):
-    from moe_sieve.runstats import read_runs
+    from moe_sieve.seed_stats import read_runs
     from moe_sieve.sweep.config import RunSpec
     from moe_sieve.sweep.gather import FIELDNAMES, gather
 
@@ -360,7 +360,7 @@ def test_gather_writes_likelihood_metrics_and_convergence(tmp_path):
 
 def test_further_evaluation_columns_take_their_metrics_unit():
     """A sweep's eval.also columns (NAME_METRIC) are read in METRIC's unit, not as unknown raw columns."""
-    from moe_sieve.runstats import metric_info
+    from moe_sieve.seed_stats import metric_info
 
     assert metric_info("paraphrase_gold_prob").unit.name == "pp"
     assert metric_info("paraphrase_gold_nll_per_token").unit.name == "nats"

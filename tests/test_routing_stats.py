@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_sieve.stats import (
+from moe_sieve.routing_stats import (
     cold_fraction,
     count_mass_jaccard,
     coverage_at_k,
@@ -250,7 +250,7 @@ def test_inputs_are_checked():
 
 
 def test_coverage_with_shared_reproduces_the_papers_fig2_numbers():
-    from moe_sieve.stats import coverage_with_shared
+    from moe_sieve.routing_stats import coverage_with_shared
 
     # §3.2: routed coverage 53.0 / 37.4 / 42.6% -> per-token coverage with shared experts 53 / 69 / 57%
     assert coverage_with_shared(0.530, 0, 8) == pytest.approx(0.530)
@@ -261,7 +261,7 @@ def test_coverage_with_shared_reproduces_the_papers_fig2_numbers():
 
 
 def test_coverage_curve_and_jaccard_matrix_at_depth():
-    from moe_sieve.stats import coverage_curve, jaccard_matrix
+    from moe_sieve.routing_stats import coverage_curve, jaccard_matrix
 
     rng = np.random.default_rng(11)
     scores = [rng.gamma(0.5, size=(16, 64)) * 1000 for _ in range(4)]

@@ -56,7 +56,7 @@ def _num(value, fmt: str) -> str:
 
 
 def comparison_table(rows: list, metric: str | None = None) -> Table:
-    """compare-runs rows (runstats.ComparisonRow) as a terminal table; differences and margins in the rows' unit
+    """compare-runs rows (seed_stats.ComparisonRow) as a terminal table; differences and margins in the rows' unit
     (pp for proportions, nats for log-likelihoods)."""
     margins = sorted({m for row in rows for m in row.tost}, key=float)
     reference = rows[0].reference if rows else "?"
