@@ -338,7 +338,7 @@ def test_docs_example_runs(tmp_path, monkeypatch):
 
 def test_resume_of_a_run_recorded_before_the_option_existed(tmp_path):
     """A run directory whose config.json predates --train-tokens ran with its default, so it resumes."""
-    from moe_sieve.training.run import check_run_dir, run_record
+    from moe_sieve.training.rundir import check_run_dir, run_record
 
     config = TrainConfig(model="m", data="d", out=str(tmp_path / "run"))
     record = run_record(config)

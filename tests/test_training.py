@@ -196,7 +196,7 @@ def test_two_process_ddp_training_and_profiling_match_single_process(tiny_model_
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 3
 
-    from moe_sieve.training.run import profile_distributed
+    from moe_sieve.training.distributed import profile_distributed
 
     single = train(
         _config(
@@ -331,7 +331,7 @@ def test_selection_fingerprint_covers_hot_and_keeps_the_fingerprints_of_runs_wit
     import dataclasses
 
     from moe_sieve._io import fingerprint
-    from moe_sieve.training.run import selection_fingerprint
+    from moe_sieve.training.rundir import selection_fingerprint
 
     before = ("model", "data", "split", "max_examples", "spider_dir", "strategy", "k", "rank_by", "selection")
     before += ("profile", "profile_subsample", "coverage", "min_per_layer", "seed", "max_length")
@@ -341,6 +341,6 @@ def test_selection_fingerprint_covers_hot_and_keeps_the_fingerprints_of_runs_wit
     two, three = (dataclasses.replace(config, hot=hot) for hot in ("2", "3"))
     assert len({selection_fingerprint(config), selection_fingerprint(two), selection_fingerprint(three)}) == 3
     from moe_sieve.selection import STRATEGIES
-    from moe_sieve.training.run import selection_settings
+    from moe_sieve.training.rundir import selection_settings
 
     assert {name for s in STRATEGIES.values() for name in s.settings} <= set(selection_settings())

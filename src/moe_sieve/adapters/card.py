@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_path
+from .._io import atomic_path, read_json_object
 from .._version import __version__
 
 CARD = "README.md"
@@ -267,13 +267,6 @@ def write_peft_card(directory: str | os.PathLike, config: Any, context: dict[str
     return path
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def eval_rows(record: Any) -> list[dict[str, Any]]:
     if not isinstance(record, dict) or "accuracy" not in record:
         return []
@@ -294,13 +287,13 @@ def card_data(run_dir: str | os.PathLike, adapter: str = "adapter") -> dict[str,
     """Card fields of a ``moe-sieve train`` run directory: its adapter, selection, profile, settings, metrics and
     (when present) ``eval.json``."""
     run_dir = Path(run_dir)
-    adapter_config = _read_json(run_dir / adapter / "adapter_config.json") or {}
-    record = (_read_json(run_dir / "config.json") or {}).get("train") or {}
-    metrics = _read_json(run_dir / "metrics.json") or {}
+    adapter_config = read_json_object(run_dir / adapter / "adapter_config.json") or {}
+    record = (read_json_object(run_dir / "config.json") or {}).get("train") or {}
+    metrics = read_json_object(run_dir / "metrics.json") or {}
     shape = adapter_config.get("shape") or {}
     lora = adapter_config.get("lora") or {}
     info: dict[str, Any] = {}
-    selection = _read_json(run_dir / "selection.json")
+    selection = read_json_object(run_dir / "selection.json")
     if isinstance(selection, dict):
         info.update(strategy=selection.get("strategy"), params=selection.get("params"), source="selection.json")
     profile_dir = run_dir / "profile"
@@ -344,7 +337,7 @@ def card_data(run_dir: str | os.PathLike, adapter: str = "adapter") -> dict[str,
             "by_group": adapter_config.get("params_by_group") or {},
         },
         "training": {k: v for k, v in training.items() if v is not None},
-        "eval": eval_rows(_read_json(run_dir / "eval.json")),
+        "eval": eval_rows(read_json_object(run_dir / "eval.json")),
         "usage": [
             "from moe_sieve.adapters import load_sieve_adapter",
             "from moe_sieve.modeling import ModelSpec, load_model",

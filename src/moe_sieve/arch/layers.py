@@ -134,7 +134,8 @@ def _router_weight(
     return None, f"router module type {type(router).__name__} holds {what}"
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+# The decoder-layer index in a module path ("model.layers.12.mlp" -> 12).
+LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoELayer]:
@@ -164,7 +165,7 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
         if not num_experts or not top_k:
             near_misses.append(f"{prefix}{spec.experts_attr}: cannot tell the number of experts or top-k")
             continue
-        match = _LAYER_INDEX.search(name)
+        match = LAYER_INDEX.search(name)
         shared = {a: getattr(block, a) for a in spec.shared_attrs if isinstance(getattr(block, a, None), nn.Module)}
         known = {router_attr, spec.experts_attr, *shared}
         unrecognised = {

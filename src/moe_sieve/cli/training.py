@@ -29,7 +29,7 @@ def _train(preset: str | None, overwrite: bool, resume: bool, **options) -> None
         result = train(config, overwrite=overwrite, resume=resume)
     except KeyboardInterrupt:
         from .._io import Interrupted
-        from ..training.run import continue_hint
+        from ..training.rundir import continue_hint
 
         raise Interrupted(f"interrupted; {continue_hint(Path(config.out))}") from None
     m = result.metrics

@@ -6,13 +6,12 @@ Layout read: ``results.csv`` (one row per run), ``runs/<run_id>/`` (config.json,
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import read_csv_rows
+from .._io import read_csv_rows, read_json_object
 from ..adapters.methods import find_adapter_method
 from ..profiling import Profile
 from ..profiling.artifact import METADATA_FILE
@@ -73,7 +72,7 @@ class RunInfo:
             for c in (self.run_dir / "checkpoints").glob("checkpoint-*")
             if (m := re.fullmatch(r"checkpoint-(\d+)", c.name)) and (c / "trainer_state.json").is_file()
         )
-        state = _read_json(states[-1][1]) if states else None
+        state = read_json_object(states[-1][1]) if states else None
         history = (state or {}).get("log_history") or []
         pairs = [(int(h["step"]), as_float(h["loss"])) for h in history if "loss" in h and "step" in h]
         return _unzip(pairs)
@@ -121,14 +120,6 @@ def _unzip(pairs: list[tuple[int, float | None]]) -> tuple[list[int], list[float
     return ([s for s, _ in pairs], [v for _, v in pairs]) if pairs else None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def strategy_of(condition: str) -> str | None:
     """A condition's selection strategy guessed from its name, when its run directory does not say."""
     for strategy, pattern in CONDITION_PATTERNS:
@@ -146,8 +137,8 @@ def _run_info(root: Path, row: dict[str, str]) -> RunInfo:
             if path.is_dir():
                 run_dir = path
                 break
-    config = _read_json(run_dir / "config.json") if run_dir else None
-    selection = _read_json(run_dir / "selection.json") if run_dir else None
+    config = read_json_object(run_dir / "config.json") if run_dir else None
+    selection = read_json_object(run_dir / "selection.json") if run_dir else None
     train = (config or {}).get("train") if isinstance((config or {}).get("train"), dict) else config
     strategy = (train or {}).get("strategy") or strategy_of(row.get("condition", ""))
     method = (train or {}).get("method") or row.get("method")
@@ -160,7 +151,7 @@ def _run_info(root: Path, row: dict[str, str]) -> RunInfo:
     if k is None:
         text = str(row.get("k") or "").strip()
         k = int(float(text)) if re.fullmatch(r"\d+(\.0+)?", text) else None
-    metrics = _read_json(run_dir / "metrics.json") if run_dir else None
+    metrics = read_json_object(run_dir / "metrics.json") if run_dir else None
     return RunInfo(row=row, strategy=strategy, k=k, selection=selection, run_dir=run_dir, metrics=metrics)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...arch import ArchSpec, MoELayer, UnsupportedModelError, config_fingerprint, find_moe_layers
+from ...arch.layers import LAYER_INDEX
 from ...profiling.artifact import ProfileMismatchError
 from ...tables import TextTable
 from ..factors import ADAPTER_WEIGHTS, load_factors, trainable_parameters
@@ -28,8 +28,6 @@ from .experts import (
     use_sieve_experts,
 )
 from .layer import LoraLinear, LoraWeightDelta
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 class AdapterMissingError(RuntimeError):
@@ -139,7 +137,7 @@ def resolve_experts(layers: Sequence[MoELayer], selection: Any, mode: str) -> di
 
 
 def _layer_of(name: str) -> int | None:
-    match = _LAYER_INDEX.search(name)
+    match = LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
 
 
@@ -307,7 +305,7 @@ def _is_attention(name: str, module: nn.Module, spec: ArchSpec) -> bool:
 
 def _decoder_layers(model: nn.Module, layers: Sequence[MoELayer]) -> tuple[str, nn.Module] | None:
     """The ModuleList of decoder layers that holds the MoE blocks (``model.layers``)."""
-    match = _LAYER_INDEX.search(layers[0].name)
+    match = LAYER_INDEX.search(layers[0].name)
     if match is None:
         return None
     prefix = layers[0].name[: match.start()]
