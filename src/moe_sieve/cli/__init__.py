@@ -39,7 +39,7 @@ COMMANDS = {
     "demo": runs.demo,
     "export": adapters.export_command,
     "export-peft": adapters.export_peft,
-    "eval": evaluation.eval_command,
+    "eval": evaluation.eval_command(),
     "sweep": runs.sweep,
     "study": runs.study,
     "train": training.train_command(),

@@ -7,50 +7,31 @@ from typing import Annotated
 
 import typer
 
-from .common import DEFAULT_MODEL, DataOpt, ModelOpt, console
+from .common import DEFAULT_MODEL, ModelOpt, console
 
 
-def eval_command(
-    data: DataOpt,
-    model: ModelOpt = DEFAULT_MODEL,
-    adapter: Annotated[Path | None, typer.Option(help="moe-sieve adapter directory to evaluate on the model.")] = None,
-    split: Annotated[str | None, typer.Option(help="Split (default: the task's evaluation split).")] = None,
-    max_examples: Annotated[int | None, typer.Option(help="Evaluate at most this many examples.")] = None,
-    spider_dir: Annotated[str | None, typer.Option(help="Spider directory (tables.json, database/).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
-    max_new_tokens: Annotated[
-        int | None,
-        typer.Option(help="Generation budget (default: 128; LLM-Adapters sets: 32 commonsense, 256 math)."),
-    ] = None,
-    keep_distinct: Annotated[
-        bool, typer.Option(help="Spider: keep DISTINCT when comparing (the official default removes it).")
-    ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run the repository's own model code.")] = False,
+def _run_eval(
+    config,
+    *,
+    model: str,
+    adapter: Path | None,
+    device: str,
+    out: Path | None,
+    overwrite: bool,
+    trust_remote_code: bool,
 ) -> None:
     """Accuracy on GSM8K (exact match), HellaSwag (normalised), Spider (execution, read-only SQL), the facts mini
     task or an LLM-Adapters test set (commonsense-NAME:PATH, math-NAME:PATH; greedy answer, LLM-Adapters'
     parsing); every generation task also gets the gold completion's likelihood (gold_logprob, gold_prob)."""
     from .._io import atomic_write_json, ensure_writable
     from ..adapters import load_sieve_adapter
-    from ..evaluation import EvalConfig, evaluate
+    from ..evaluation import evaluate
     from ..evaluation.evaluate import check_eval_data
     from ..modeling import ModelSpec, load_model, load_tokenizer
 
     if out is not None:
         ensure_writable(out, overwrite, directory=False)
-    config = EvalConfig(
-        data=data,
-        split=split,
-        max_examples=max_examples,
-        spider_dir=spider_dir,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        keep_distinct=keep_distinct,
-    )
-    check_eval_data(data)  # a wrong --data fails before the model loads
+    check_eval_data(config.data)  # a wrong --data fails before the model loads
     spec = ModelSpec(model=model, device=device, trust_remote_code=trust_remote_code)
     net, tokenizer = load_model(spec), load_tokenizer(spec)
     if adapter is not None:
@@ -65,3 +46,65 @@ def eval_command(
         atomic_write_json(
             out, {"model": model, "adapter": None if adapter is None else str(adapter), **result.to_json()}
         )
+
+
+def eval_command():
+    """The ``eval`` command: every EvalConfig field as an option with its help and default (so ``eval`` and the
+    sweep's eval settings cannot drift apart), then the model, adapter and output options."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from ..evaluation import EvalConfig
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    hints = typing.get_type_hints(EvalConfig)
+    config_params = []
+    for f in dataclasses.fields(EvalConfig):
+        if f.name == "data":  # required here (a sweep's task gives it instead)
+            annotation = Annotated[str, typer.Option("--data", "-d", help=f.metadata["help"])]
+            config_params.append(inspect.Parameter("data", keyword, annotation=annotation))
+        else:
+            annotation = Annotated[hints[f.name], typer.Option(help=f.metadata.get("help", ""))]
+            config_params.append(inspect.Parameter(f.name, keyword, default=f.default, annotation=annotation))
+    run_params = [
+        inspect.Parameter("model", keyword, default=DEFAULT_MODEL, annotation=ModelOpt),
+        inspect.Parameter(
+            "adapter",
+            keyword,
+            default=None,
+            annotation=Annotated[
+                Path | None, typer.Option(help="moe-sieve adapter directory to evaluate on the model.")
+            ],
+        ),
+        inspect.Parameter(
+            "device", keyword, default="auto", annotation=Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+        ),
+        inspect.Parameter(
+            "out",
+            keyword,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option("--out", "-o", help="Write the results JSON here.")],
+        ),
+        inspect.Parameter(
+            "overwrite",
+            keyword,
+            default=False,
+            annotation=Annotated[bool, typer.Option(help="Replace an existing --out.")],
+        ),
+        inspect.Parameter(
+            "trust_remote_code",
+            keyword,
+            default=False,
+            annotation=Annotated[bool, typer.Option(help="Run the repository's own model code.")],
+        ),
+    ]
+    config_names = [p.name for p in config_params]
+
+    def command(**kwargs):
+        config = EvalConfig(**{name: kwargs.pop(name) for name in config_names})
+        _run_eval(config, **kwargs)
+
+    command.__signature__ = inspect.Signature(config_params + run_params)
+    command.__doc__ = _run_eval.__doc__
+    return command
