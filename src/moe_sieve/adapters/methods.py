@@ -136,6 +136,11 @@ def adapter_methods() -> tuple[str, ...]:
     return tuple(_METHODS)
 
 
+def method_help() -> str:
+    """The registered methods as an option's help lists them: ``sieve (Sieve LoRA), routed (Routed-PEFT)``."""
+    return ", ".join(f"{name} ({get_adapter_method(name).label})" for name in adapter_methods())
+
+
 def get_adapter_method(name: str | None) -> AdapterMethod:
     """The method called ``name`` (None: sieve, what an adapter_config.json without ``lora.method`` holds)."""
     importlib.import_module(BUILTIN_PACKAGE)

@@ -10,6 +10,7 @@ import typer
 
 from ..adapters.config import LORA
 from ..adapters.export import export_formats_help
+from ..adapters.methods import method_help
 from .common import DEFAULT_MODEL, JsonOpt, KOpt, ModelOpt, console, fail
 
 
@@ -22,7 +23,7 @@ def plan(
     alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = LORA.alpha,
     as_json: JsonOpt = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the repository's own config code.")] = False,
-    method: Annotated[str, typer.Option(help="sieve, or routed (Routed-PEFT adapters).")] = "sieve",
+    method: Annotated[str, typer.Option(help=f"Adapter method: {method_help()}.")] = "sieve",
     variant: Annotated[str, typer.Option(help="routed: S, D, R or E.")] = "E",
     adapter_type: Annotated[str, typer.Option(help="routed: lora or parallel.")] = "lora",
     num_adapters: Annotated[int, typer.Option(help="routed: N adapters per layer (D, R).")] = 4,

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..adapters.config import LoraOptions, lora_field
-from ..adapters.methods import get_adapter_method
+from ..adapters.methods import get_adapter_method, method_help
 from ..selection import STRATEGIES as SELECTION_STRATEGIES
 from ..selection import strategy_help
 
@@ -112,7 +112,7 @@ class TrainConfig:
         "none",
     )
     # Routed-PEFT (--method routed): adapters only; --r/--alpha/--dropout size them, --strategy picks E's experts
-    method: str = _help("sieve (LoRA on the selected experts) or routed (Routed-PEFT adapters, nothing else).", "sieve")
+    method: str = _help(f"Adapter method: {method_help()}.", "sieve")
     variant: str = _help("routed: S, D, R or E (E: experts from --strategy; full = all experts).", "E")
     adapter_type: str = _help("routed: lora or parallel adapters.", "lora")
     num_adapters: int = _help("routed: N adapters per MoE layer for D and R.", 4)
