@@ -7,7 +7,7 @@ swap them for stubs and check each metric exactly, without a trained model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,6 +46,29 @@ class EvalResult:
 def source_of(row: Mapping[str, Any], index: int) -> str:
     """Where a row came from: ``load_task_rows`` records it under ``_source``; otherwise its position."""
     return str(row.get("_source", f"row:{index}"))
+
+
+def gold_answers(rows: Sequence[Mapping[str, Any]], extract: Callable[[str], Any], missing: str) -> list[Any]:
+    """Each row's gold answer (``extract`` of its ``answer``); a row without one is an error naming the row."""
+    golds = []
+    for i, row in enumerate(rows):
+        gold = extract(str(row["answer"]))
+        if gold is None:
+            raise ValueError(f"{source_of(row, i)}: {missing}: {row['answer']!r}")
+        golds.append(gold)
+    return golds
+
+
+def accuracy_result(task: str, predictions: list[dict[str, Any]], metadata: dict[str, Any]) -> EvalResult:
+    """The result of per-row predictions that each say whether they are ``correct``."""
+    n = len(predictions)
+    return EvalResult(
+        task=task,
+        n=n,
+        accuracy=sum(p["correct"] for p in predictions) / n,
+        predictions=predictions,
+        metadata=metadata,
+    )
 
 
 @contextlib.contextmanager

@@ -38,12 +38,7 @@ def evaluate_facts(
     """Greedy answers to ``Question: ...\\nAnswer:`` (the prompt the task fine-tunes with)."""
     if not rows:
         raise ValueError("facts: no examples to evaluate")
-    golds = []
-    for i, row in enumerate(rows):
-        gold = extract_value(str(row["answer"]))
-        if gold is None:
-            raise ValueError(f"{source_of(row, i)}: the answer holds no integer: {row['answer']!r}")
-        golds.append(gold)
+    golds = common.gold_answers(rows, extract_value, "the answer holds no integer")
     outputs = common.generate_completions(
         model,
         tokenizer,
@@ -68,13 +63,10 @@ def evaluate_facts(
                 "completion": completion,
             }
         )
-    n = len(predictions)
-    return EvalResult(
-        task="facts",
-        n=n,
-        accuracy=sum(p["correct"] for p in predictions) / n,
-        predictions=predictions,
-        metadata={
+    return common.accuracy_result(
+        "facts",
+        predictions,
+        {
             "metric": "exact_match",
             "definition": "first integer of the greedy answer equals the stored value",
             "max_new_tokens": max_new_tokens,

@@ -81,12 +81,7 @@ def evaluate_gsm8k(
     ``exact_match,strict-match``."""
     if not rows:
         raise ValueError("gsm8k: no examples to evaluate")
-    golds = []
-    for i, row in enumerate(rows):
-        gold = gold_answer(str(row["answer"]))
-        if gold is None:
-            raise ValueError(f"{source_of(row, i)}: the gold answer has no '#### N': {row['answer']!r}")
-        golds.append(gold)
+    golds = common.gold_answers(rows, gold_answer, "the gold answer has no '#### N'")
     prompts = [format_gsm8k(row)[0] for row in rows]
     outputs = common.generate_completions(
         model,
@@ -115,12 +110,10 @@ def evaluate_gsm8k(
             }
         )
     n = len(predictions)
-    return EvalResult(
-        task="gsm8k",
-        n=n,
-        accuracy=sum(p["correct"] for p in predictions) / n,
-        predictions=predictions,
-        metadata={
+    return common.accuracy_result(
+        "gsm8k",
+        predictions,
+        {
             "metric": "exact_match,flexible-extract",
             "strict_match": sum(p["correct_strict"] for p in predictions) / n,
             "definition": "lm-evaluation-harness 0.4 gsm8k (exact_match, both filters)",
