@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -157,3 +158,17 @@ def copy_digits_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("copy-digits") / "toy.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """``moe-sieve ARGS`` in this process through the real entry point: (exit code, stdout, stderr)."""
+    from moe_sieve.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["moe-sieve", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -2,23 +2,12 @@
 
 import json
 import re
-import sys
 
 import pytest
 
-from moe_sieve.cli import main
 from moe_sieve.selection import Selection
 
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["moe-sieve", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from .conftest import run_cli
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ alone equal the ones ``merge_sieve_lora`` folds into the base weights (float64).
 import copy
 import json
 import re
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from moe_sieve.adapters.peft_export import export_peft_adapter
 from moe_sieve.adapters.serving import PREFIX, export_serving_adapter
 from moe_sieve.arch import find_moe_layers, get_arch
 
-from .conftest import FUSED_FAMILIES, build_tiny
+from .conftest import FUSED_FAMILIES, build_tiny, run_cli
 
 FAMILIES = FUSED_FAMILIES + ["modulelist"]
 SELECTED = (0, 3, 5)
@@ -234,19 +233,6 @@ def test_unequal_ranks_are_refused(tmp_path):
     linear.lora_B = nn.Linear(2, 32, bias=False, dtype=torch.float64)
     with pytest.raises(ValueError, match="rank 2"):
         export_serving_adapter(model, tmp_path / "v", engine="vllm")
-
-
-def run_cli(monkeypatch, capsys, *args):
-    from moe_sieve.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moe-sieve", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning", "ignore::UserWarning")

@@ -4,7 +4,6 @@
 import hashlib
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,18 +24,7 @@ from moe_sieve.adapters import (
 from moe_sieve.adapters import export as export_module
 from moe_sieve.arch import find_moe_layers
 
-
-def run_cli(monkeypatch, capsys, *args):
-    from moe_sieve.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moe-sieve", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from .conftest import run_cli
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import numpy as np
@@ -13,7 +12,8 @@ import torch
 from moe_sieve.adapters import SieveLoraConfig
 from moe_sieve.adapters.ep import engine_owner_E, hot_spread, plan_ep, spread_owner_LE
 from moe_sieve.adapters.sieve.memory import sieve_experts_saved_bytes
-from moe_sieve.cli import main
+
+from .conftest import run_cli
 
 
 def _config():
@@ -96,33 +96,22 @@ def test_placements_against_brute_force():
             assert got["rows_LR"][layer, rank] == pytest.approx(share)
 
 
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["moe-sieve", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_plan_cli_ep_json_and_refusals(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "200")
     path = tmp_path / "config.json"
     _config().to_json_file(path)
-    code, out, err = _cli(monkeypatch, capsys, "plan", "--model", path, "--k", "25%", "--ep-size", "2", "--json")
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", path, "--k", "25%", "--ep-size", "2", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert [rank["experts"] for rank in result["ranks"]] == [[0, 3], [4, 7]]
     assert result["ranks"][0]["hot_experts"] == 2.0  # no profile: k / ep = 1 per layer, 2 layers
-    code, out, err = _cli(monkeypatch, capsys, "plan", "--model", path, "--ep-size", "2", "--fsdp-size", "4")
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", path, "--ep-size", "2", "--fsdp-size", "4")
     assert code == 0 and "worst case 2/layer" in out, err
     for args, expected in (
         (("--ep-size", "3"), "Error: --ep-size: cannot evenly shard 8 experts across 3"),
         (("--ep-size", "2", "--fsdp-size", "3"), "Error: `ep_size` must divide `fsdp_size * tp_size`"),
     ):
-        code, out, err = _cli(monkeypatch, capsys, "plan", "--model", path, *args)
+        code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", path, *args)
         assert (
             code == 2
             and [line for line in err.splitlines() if "Error:" in line]
@@ -147,7 +136,7 @@ def test_docs_plan_commands(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "200")
     expected = [("19.53 GiB", "3.06 GiB", "55.36M", "422.4 MiB", "81.60 GiB"), ("27.37 GiB", "1.16 GiB", "108.79M")]
     for line, figures in zip(block.strip().splitlines(), expected, strict=True):
-        code, out, err = _cli(monkeypatch, capsys, *shlex.split(line)[1:])
+        code, out, err = run_cli(monkeypatch, capsys, *shlex.split(line)[1:])
         assert code == 0, err
         for figure in figures:
             assert figure in out and figure in text, figure

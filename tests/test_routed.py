@@ -12,7 +12,7 @@ from moe_sieve.adapters import load_sieve_adapter, merge_sieve_lora, save_sieve_
 from moe_sieve.adapters.routed import RoutedAdapterConfig, apply_routed_adapters, plan_routed
 from moe_sieve.arch import find_moe_layers
 
-from .conftest import FUSED_FAMILIES, build_tiny
+from .conftest import FUSED_FAMILIES, build_tiny, run_cli
 
 FAMILIES = FUSED_FAMILIES + ["modulelist"]
 
@@ -347,27 +347,12 @@ def test_short_training_lowers_the_loss_on_the_embedded_model(variant):
         assert state.last_aux_loss is not None and state.router_load()["assignments_LN"]
 
 
-def _run_cli(monkeypatch, capsys, *args):
-    import sys
-
-    from moe_sieve.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moe-sieve", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path):
     """plan --json from config alone; train --method routed logs R's aux loss and writes its router load;
     eval --adapter reloads the adapter; merge refuses with one Error line."""
     from moe_sieve.demo import default_model_path
 
-    code, out, err = _run_cli(
+    code, out, err = run_cli(
         monkeypatch,
         capsys,
         "plan",
@@ -392,7 +377,7 @@ def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path
     data = tmp_path / "gsm.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
-    code, out, err = _run_cli(
+    code, out, err = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -440,7 +425,7 @@ def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path
     bs = [t for name, t in saved.items() if name.endswith("lora_B")]
     assert len(bs) == 4 and all(bool((b.flatten(1).abs().amax(1) > 0).all()) for b in bs), list(saved)
 
-    code, out, err = _run_cli(
+    code, out, err = run_cli(
         monkeypatch,
         capsys,
         "eval",
@@ -461,7 +446,7 @@ def test_cli_plan_train_eval_with_a_routed_adapter(monkeypatch, capsys, tmp_path
     )
     assert code == 0, err
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
-    code, out, err = _run_cli(monkeypatch, capsys, "merge", run / "adapter", "--out", tmp_path / "merged")
+    code, out, err = run_cli(monkeypatch, capsys, "merge", run / "adapter", "--out", tmp_path / "merged")
     assert code == 2 and "Error:" in err and "cannot be folded" in err
 
 

@@ -3,23 +3,11 @@ shared with the profile-set rows."""
 
 import json
 import math
-import sys
 
 from moe_sieve.profiling import Profile
 from moe_sieve.profiling.profile_set import profile_stats, set_stats
 
-
-def run_cli(monkeypatch, capsys, *args):
-    from moe_sieve.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moe-sieve", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from .conftest import run_cli
 
 
 def test_stats_json_is_the_library_report(monkeypatch, capsys, tmp_path, tiny_model_dir):
