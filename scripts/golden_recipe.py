@@ -50,6 +50,7 @@ def digest(path: Path) -> str:
         data = _scrub(json.loads(path.read_text()))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     if path.suffix == ".safetensors":
+        import torch
         from safetensors import safe_open
 
         sha = hashlib.sha256()
@@ -58,15 +59,9 @@ def digest(path: Path) -> str:
             for name in sorted(f.keys()):
                 tensor = f.get_tensor(name).contiguous()
                 sha.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
-                sha.update(tensor.view(-1).view(torch_uint8()).numpy().tobytes())
+                sha.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
         return sha.hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
 
 
 def run_recipe(out: Path) -> None:
