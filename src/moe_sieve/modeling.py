@@ -60,6 +60,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     experts_implementation: str | None = None
     revision: str | None = None
+    ep_size: int = 1  # > 1: transformers' expert-parallel engine over every process (training/expert_parallel.py)
 
 
 def resolve_model_path(model: str) -> str:
@@ -99,6 +100,29 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def distributed_config(ep_size: int) -> Any:
+    """``DistributedConfig(ep_size=N, fsdp_size=world)``: experts in blocks of E/N per rank, FSDP2 over every
+    process. transformers releases without the EP engine (5.17 has no ``ep_size``) are refused by name."""
+    import torch.distributed as dist
+    import transformers
+
+    try:
+        from transformers.distributed import DistributedConfig
+
+        DistributedConfig(ep_size=1)
+    except (ImportError, TypeError) as err:
+        raise ValueError(
+            f"--ep-size {ep_size}: transformers {transformers.__version__} has no expert-parallel engine "
+            "(DistributedConfig(ep_size=...), transformers >= 5.2x); upgrade transformers or train with --fsdp"
+        ) from err
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world % ep_size:
+        raise ValueError(
+            f"--ep-size {ep_size}: needs a multiple of {ep_size} processes (torchrun --nproc_per_node), got {world}"
+        )
+    return DistributedConfig(ep_size=ep_size, fsdp_size=world)
+
+
 def load_model(spec: ModelSpec) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with dtype/device handling; remote code only on request."""
     from transformers import AutoModelForCausalLM
@@ -114,11 +138,15 @@ def load_model(spec: ModelSpec) -> Any:
         kwargs["experts_implementation"] = spec.experts_implementation
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
+    if spec.ep_size > 1:
+        kwargs["distributed_config"] = distributed_config(spec.ep_size)
     path = resolve_model_path(spec.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except _hub_errors() as err:
         raise ValueError(f"--model {spec.model}: cannot load the model ({type(err).__name__}: {err})") from err
+    if spec.ep_size > 1:
+        return model  # placed and sharded by the engine; `.to()` on its DTensors would fail
     if not spec.device_map:
         model.to(device)
     return model

@@ -3,30 +3,78 @@ by every adapter method (imports nothing of any method, so each can use it)."""
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .._io import atomic_write_safetensors, read_safetensors
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+EP_SLOTS = "_moe_sieve_ep_slots"  # on an expert-parallel factor: the (first, stop) slots of its full tensor it holds
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+@dataclass(frozen=True)
+class ExpertSlots:
+    """On an expert-parallel factor (a plain tensor of this rank's hot experts): which slots of the full
+    one-process tensor it holds, that tensor's shape, and the process groups it is gathered and reduced over."""
+
+    first: int
+    stop: int
+    full_shape: tuple[int, ...]
+    ep_group: Any
+    efsdp_group: Any = None
+
+
+def ep_slots(param: Any) -> ExpertSlots | None:
+    return getattr(param, EP_SLOTS, None)
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the one-process tensor: an expert-parallel factor counts all ranks' experts."""
+    slots = ep_slots(param)
+    return math.prod(slots.full_shape) if slots is not None else param.numel()
+
+
+def local_slice(full: torch.Tensor, param: Any) -> torch.Tensor:
+    """This rank's slots of a saved full factor (or optimizer moment) of an expert-parallel ``param``."""
+    slots = ep_slots(param)
+    return full[slots.first : slots.stop].to(param.device).contiguous()
+
+
+def gather_ep_factor(tensor: torch.Tensor, param: Any) -> torch.Tensor:
+    """The full tensor of an expert-parallel factor (or its optimizer moment): every EP rank's slots in rank
+    order. A collective over the EP group (the efsdp copies are identical, each gathers in its own group)."""
+    import torch.distributed as dist
+
+    slots = ep_slots(param)
+    pieces: list[Any] = [None] * dist.get_world_size(slots.ep_group)
+    dist.all_gather_object(pieces, tensor.detach().cpu(), group=slots.ep_group)
+    full = torch.cat(pieces, dim=0)
+    if tuple(full.shape) != slots.full_shape:
+        raise RuntimeError(f"expert-parallel factor gathered to {tuple(full.shape)}, expected {slots.full_shape}")
+    return full
+
+
 def gather_factors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable factors as full CPU tensors. FSDP2 shards them (DTensor): gathering them is a collective,
     so under FSDP every process must call this, and the main one writes the result."""
-    from torch.distributed.tensor import DTensor
 
-    return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
-        for name, p in trainable_parameters(model).items()
-    }
+    def full(p: nn.Parameter) -> torch.Tensor:
+        if ep_slots(p) is not None:  # expert parallelism: each rank holds its own hot experts' slots
+            return gather_ep_factor(p, p)
+        return p.full_tensor() if isinstance(p, DTensor) else p
+
+    return {name: full(p).detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
 
 
 def save_factors(model: nn.Module, path: str | os.PathLike, factors: dict[str, torch.Tensor] | None = None) -> None:
@@ -39,7 +87,7 @@ def save_factors(model: nn.Module, path: str | os.PathLike, factors: dict[str, t
 def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy saved factors into an adapted model (sharded by FSDP2 or not); every trainable tensor must be
     present with its shape."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
     tensors = read_safetensors(path)
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -54,11 +102,13 @@ def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(
-                    f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
-                )
-            if isinstance(param, DTensor):  # FSDP2: each process keeps its own shard of the saved tensor
+            slots = ep_slots(param)
+            shape = slots.full_shape if slots is not None else tuple(param.shape)
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+            if ep_slots(param) is not None:  # expert parallelism: the slots of this rank's hot experts
+                param.copy_(local_slice(tensors[name], param))
+            elif isinstance(param, DTensor):  # FSDP2: each process keeps its own shard of the saved tensor
                 param.copy_(distribute_tensor(tensors[name], param.device_mesh, param.placements, src_data_rank=None))
             else:
                 param.copy_(tensors[name])

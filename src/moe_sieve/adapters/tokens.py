@@ -69,6 +69,10 @@ class UntrainedToken:
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of every row in float32, a chunk at a time (no full-precision copy of a large vocabulary)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):  # sharded at load time (expert parallelism): a collective, every rank calls it
+        weight = weight.full_tensor()
     with torch.no_grad():
         return torch.cat(
             [weight[i : i + _CHUNK_ROWS].float().norm(dim=1).cpu() for i in range(0, weight.shape[0], _CHUNK_ROWS)]
@@ -98,6 +102,10 @@ def _matrices(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(a, DTensor) or isinstance(b, DTensor):
+        return a is b
     return a is b or (a.shape == b.shape and a.device == b.device and a.data_ptr() == b.data_ptr())
 
 

@@ -110,6 +110,19 @@ def _expert_layout(experts: nn.Module, hidden_size: int | None) -> ExpertLayout 
     )
 
 
+def global_num_experts(experts: nn.Module) -> int:
+    """Routed experts of a fused experts module across all ranks: transformers' expert-parallel engine sets
+    ``num_experts`` to the rank's local count and keeps the weights as DTensors of the global shape
+    (``distributed/expert_parallel.py`` ``MoEParamShard.shard_param``), and routing uses global ids."""
+    if getattr(experts, "_is_expert_parallel", False):
+        weight = getattr(experts, "down_proj", None)
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            return int(weight.shape[0])
+    return int(getattr(experts, "num_experts", 0) or 0)
+
+
 def _router_weight(
     router: nn.Module, router_name: str, num_experts: int, hidden_size: int | None
 ) -> tuple[str | None, str]:
@@ -159,7 +172,7 @@ def find_moe_layers(model: nn.Module, spec: ArchSpec | None = None) -> list[MoEL
             near_misses.append(f"{prefix}{spec.experts_attr} has no {missing}")
             continue
         router = getattr(block, router_attr)
-        num_experts = len(experts) if layout.storage == "module_list" else int(getattr(experts, "num_experts", 0) or 0)
+        num_experts = len(experts) if layout.storage == "module_list" else global_num_experts(experts)
         num_experts = num_experts or getattr(router, "num_experts", None) or cfg_experts
         top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None) or cfg_top_k
         if not num_experts or not top_k:

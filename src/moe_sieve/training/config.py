@@ -34,14 +34,9 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return field(default=default, metadata={"help": text}, **kw)
 
 
-# What stops `train --ep-size` (checked on 2 gloo processes, tests/test_ep.py): transformers' engine itself runs
-# (from_pretrained(distributed_config=DistributedConfig(ep_size=2, fsdp_size=2)) shards the experts and the
-# sieve_lora kernel's forward/backward match one process), but sieve LoRA cannot attach to the sharded experts.
-EP_TRAIN_REFUSAL = (
-    "--ep-size {ep_size}: expert-parallel training is not implemented yet: transformers' EP engine shards the "
-    "experts, but sieve LoRA cannot attach to them (ExpertLoRA.for_experts sees all experts' DTensor weights "
-    "while num_experts is the rank's local count, and the hot expert ids would need mapping to local ids); "
-    "train with --fsdp or DDP and size an EP run with `moe-sieve plan --ep-size` (docs/distributed.md)"
+EP_WITH_FSDP = (
+    "--ep-size with --fsdp: transformers' expert-parallel engine applies FSDP2 itself (dense modules over all "
+    "processes, each rank's experts over fsdp/ep copies); drop --fsdp"
 )
 
 
@@ -141,7 +136,9 @@ class TrainConfig:
     experts_implementation: str | None = _help("transformers experts backend for the base model.", None)
     fsdp: str = _help("FSDP option string passed to transformers (e.g. 'full_shard auto_wrap'); empty: off.", "")
     ep_size: int = _help(
-        "Expert-parallel ranks (transformers' engine); 1: off. Not yet trainable: see docs/distributed.md.", 1
+        "Expert-parallel ranks (transformers' DistributedConfig engine, FSDP2 over all processes); 1: off. Each "
+        "hot expert's LoRA lives on the rank owning the expert (docs/distributed.md).",
+        1,
     )
     # speed (training/packing.py, training/fused_loss.py): both leave the loss and gradients unchanged
     packing: bool = _help(
@@ -202,8 +199,10 @@ class TrainConfig:
             raise ValueError(f"--router-aux-loss must be >= 0, got {self.router_aux_loss}")
         if self.ep_size < 1:
             raise ValueError(f"--ep-size must be >= 1, got {self.ep_size}")
-        if self.ep_size > 1:
-            raise ValueError(EP_TRAIN_REFUSAL.format(ep_size=self.ep_size))
+        if self.ep_size > 1 and self.fsdp:
+            raise ValueError(EP_WITH_FSDP)
+        if self.ep_size > 1 and self.reselect != "off":
+            raise ValueError("--reselect grow cannot run under --ep-size: the engine shards the parameter set once")
         if self.reselect not in ("off", "grow"):
             raise ValueError(f"--reselect must be off or grow, got {self.reselect!r}")
         if self.reselect == "grow" and (self.monitor_every < 1 or self.experts_mode != "selected"):

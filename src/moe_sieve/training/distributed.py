@@ -34,6 +34,11 @@ def profile_distributed(model: Any, batches: list, num_examples: int, state: Any
     gives exactly the single-process profile."""
     shard = batches[state.process_index :: state.num_processes]
     profile = profile_model(model, shard, num_examples, progress=state.is_main_process)
+    if getattr(model, "is_distributed_loading_by_transformers", False):
+        # sharded at load time (expert parallelism): every forward is a collective (FSDP all-gathers, the
+        # all-to-all), so a process with one batch fewer runs one more forward, not counted
+        for _ in range(-(-len(batches) // state.num_processes) - len(shard)):
+            _uncounted_forward(model, batches[0])
     if state.num_processes > 1:
         import torch.distributed as dist
 
@@ -45,3 +50,14 @@ def profile_distributed(model: Any, batches: list, num_examples: int, state: Any
         profile.counts_LE = profile.example_counts_NLE.sum(0, dtype=np.int64)
         profile.mass_LE = profile.example_mass_NLE.sum(0, dtype=np.float64).astype(np.float32)
     return profile
+
+
+def _uncounted_forward(model: Any, batch: Any) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    finally:
+        model.train(was_training)

@@ -48,7 +48,16 @@ class GrownExpertLoRA(ExpertLoRA):
     def __init__(self, parts: Sequence[ExpertLoRA]) -> None:
         nn.Module.__init__(self)
         first = parts[0]
-        for name in ("num_experts", "hidden_size", "intermediate_size", "r", "alpha", "scaling", "has_gate"):
+        for name in (
+            "num_experts",
+            "first_expert",
+            "hidden_size",
+            "intermediate_size",
+            "r",
+            "alpha",
+            "scaling",
+            "has_gate",
+        ):
             setattr(self, name, getattr(first, name))
         self.is_transposed, self.is_concatenated = first.is_transposed, first.is_concatenated
         self.dropout = nn.Dropout(first.dropout.p)

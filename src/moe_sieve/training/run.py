@@ -42,7 +42,7 @@ from .rundir import (
     prepare_run_dir,
     run_record,
 )
-from .sharding import check_fsdp
+from .sharding import check_expert_parallel, check_fsdp, reshard
 from .tracking import check_report_to, install_tracking
 
 
@@ -259,8 +259,11 @@ def _train_locked(
         else config.device,
         trust_remote_code=config.trust_remote_code,
         experts_implementation=config.experts_implementation,
+        ep_size=config.ep_size,
     )
     check_fsdp(config, resolve_device(spec.device))
+    if config.ep_size > 1:
+        check_expert_parallel(config, state)
     # Cheap inputs first: a typo in --data fails before a large model is loaded.
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     examples = load_sft_examples(
@@ -278,7 +281,7 @@ def _train_locked(
         config.fused_ce,
         model,
         next(model.parameters()).device,
-        fsdp=bool(config.fsdp),
+        fsdp=bool(config.fsdp) or config.ep_size > 1,
         method=config.method,
         router_aux_loss=config.router_aux_loss,
     )
@@ -287,6 +290,8 @@ def _train_locked(
         atomic_write_json(work / "config.json", run_record(config))
     selection = _selection_for(config, model, examples, tokenizer, work, state, given, resume)
     method = get_adapter_method(config.method)
+    if config.ep_size > 1:
+        reshard(model)
     sieve = method.attach(model, selection, method.from_train(config))
     callbacks = [*method.train_callbacks(sieve), *(callbacks or [])]
     monitor = None
@@ -328,6 +333,9 @@ def _train_locked(
         data_seed=config.seed,
         logging_steps=config.logging_steps,
         save_strategy="steps",
+        # transformers refuses checkpoints with optimizer state for a model sharded at load time; SieveTrainer
+        # writes the adapter's own (gathered) optimizer state and RNG next to the adapter (training/trainer.py)
+        save_only_model=config.ep_size > 1,
         save_steps=config.save_steps,
         save_total_limit=None,  # SieveTrainer rotates, and only after a checkpoint is complete
         report_to=[] if config.report_to == "none" else [config.report_to],

@@ -105,3 +105,39 @@ def check_sharded(model: Any) -> int:
             f"(e.g. {plain[:3]}); refusing to train unsharded"
         )
     return len(trainable)
+
+
+def check_expert_parallel(config: Any, state: Any) -> None:
+    """Refuse ``--ep-size`` where transformers' engine or moe-sieve's EP adapters cannot run it."""
+    if config.method != "sieve":
+        raise ValueError(
+            f"--ep-size {config.ep_size}: only --method sieve places its expert adapters on the owning ranks; "
+            f"--method {config.method} would need its own expert-parallel layout"
+        )
+    if "router" in config.targets and config.router == "lora":
+        raise ValueError(
+            f"--ep-size {config.ep_size}: router LoRA is a parametrization of the router weight, which the engine "
+            "has already FSDP-sharded; pass --router full (train the router weight, reduced by FSDP2) or "
+            "--router freeze"
+        )
+    if config.train_tokens != "none":
+        raise ValueError(
+            f"--ep-size {config.ep_size}: --train-tokens adds rows to the embedding and output head, which the "
+            "engine has already FSDP-sharded; train them without --ep-size"
+        )
+    if state.num_processes < 2 or state.num_processes % config.ep_size:
+        raise ValueError(
+            f"--ep-size {config.ep_size}: launch a multiple of {config.ep_size} processes (torchrun "
+            f"--nproc_per_node {config.ep_size}); this run has {state.num_processes}"
+        )
+
+
+def reshard(model: Any) -> None:
+    """Put FSDP2's sharded parameters back on every module. The last layers keep their gathered parameters after a
+    forward (``reshard_after_forward=False``, e.g. the profiling pass), and freezing those instead of the shards
+    would leave the shards trainable (transformers' Trainer reshards before it builds the optimizer)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

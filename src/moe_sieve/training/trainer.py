@@ -16,7 +16,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .._io import atomic_write_json, fault_point
+from ..adapters.factors import ep_slots, gather_ep_factor, local_slice
 from ..adapters.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, gather_factors, load_factors, save_factors
+from ..adapters.sieve.expert_parallel import is_expert_parallel, reduce_expert_gradient
 from .sharding import check_sharded, enable_cpu_fsdp
 
 
@@ -25,6 +27,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 COMPLETE_MARKER = "moe_sieve_complete.json"
+EP_OPTIMIZER = "optimizer_gathered.pt"  # expert parallelism: AdamW state by factor name, full tensors
 SEGMENTS_FILE = "moe_sieve_segments.json"  # steps, wall time and tokens of each training segment up to here
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -96,6 +99,7 @@ class SieveTrainer(Trainer):
         if fused_ce is not None:  # training/fused_loss.py: the loss comes from the hidden states, not the logits
             kwargs["compute_loss_func"] = fused_ce
         super().__init__(*args, **kwargs)
+        self.expert_parallel = is_expert_parallel(self.model)
         self.base_model_id = base_model_id
         self.keep_checkpoints = keep_checkpoints
         self.fused_ce = fused_ce
@@ -114,9 +118,10 @@ class SieveTrainer(Trainer):
         adapters = getattr(self.model, "moe_sieve", None)
         if steps <= 0 or not isinstance(adapters, AdapterState) or not method_of(adapters).expert_guard:
             return None
-        if self.args.fsdp:
+        if self.args.fsdp or self.expert_parallel:
             if self.args.should_save:
-                print("moe-sieve: expert guard skipped under FSDP (the adapter factors are sharded)", file=sys.stderr)
+                how = "FSDP" if self.args.fsdp else "expert parallelism"
+                print(f"moe-sieve: expert guard skipped under {how} (the adapter factors are sharded)", file=sys.stderr)
             return None
         return install_expert_guard(self.model, steps)
 
@@ -141,6 +146,8 @@ class SieveTrainer(Trainer):
 
     def _prepare_for_training(self, *args: Any, **kwargs: Any):
         prepared = super()._prepare_for_training(*args, **kwargs)
+        if self.expert_parallel:
+            self._reduce_expert_gradients()
         if self.is_fsdp_enabled:  # FSDP2 only (enable_cpu_fsdp refuses FSDP1)
             count = check_sharded(self.model)
             if self.args.should_save:
@@ -149,6 +156,77 @@ class SieveTrainer(Trainer):
                     file=sys.stderr,
                 )
         return prepared
+
+    def _expert_factors(self) -> list[torch.nn.Parameter]:
+        return [p for p in self._sieve_model().parameters() if p.requires_grad and ep_slots(p) is not None]
+
+    def _reduce_expert_gradients(self) -> None:
+        """Expert-parallel factors: transformers' Trainer averages only plain adapter tensors over processes, so
+        each hot expert's factors get the engine's reduction for expert weights at the end of every accumulation
+        window (adapters/sieve/expert_parallel.py)."""
+        dp_size = int(self._sieve_model().config.distributed_config.dp_size)
+
+        def reduce(param: torch.nn.Parameter) -> None:
+            if self.accelerator.sync_gradients:
+                reduce_expert_gradient(param, dp_size)
+
+        factors = self._expert_factors()
+        for param in factors:
+            if not getattr(param, "_moe_sieve_reduce_hook", False):
+                param.register_post_accumulate_grad_hook(reduce)
+                param._moe_sieve_reduce_hook = True
+        if self.args.should_save:
+            ranks = self._sieve_model().config.distributed_config
+            print(
+                f"moe-sieve: expert parallelism ep={ranks.ep_size} over {self.args.world_size} processes: "
+                f"{len(factors)} expert-factor tensors on their owning ranks",
+                file=sys.stderr,
+            )
+
+    def _sync_replicated_trainable_parameters(self, model: Any) -> None:
+        """transformers broadcasts every plain trainable tensor from rank 0 and averages its gradient: right for
+        the dense adapters, wrong for the expert factors each rank holds for its own experts."""
+        factors = self._expert_factors() if self.expert_parallel else []
+        for param in factors:
+            param.requires_grad_(False)
+        try:
+            super()._sync_replicated_trainable_parameters(model)
+        finally:
+            for param in factors:
+                param.requires_grad_(True)
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        """Under expert parallelism the norm adds each EP rank's expert-factor gradients (a collective over the
+        EP group) to the dense adapters' (identical on every rank after averaging) and FSDP2 shards' norms."""
+        if not self.expert_parallel:
+            return super()._clip_grad_norm(model)
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+        params = [p for p in self._sieve_model().parameters() if p.requires_grad]
+        for param in params:
+            if param.grad is None:  # e.g. a rank that owns no hot expert of a layer: still joins the collective
+                param.grad = torch.zeros_like(param)
+        squares = torch.zeros((), dtype=torch.float64)
+        expert = [p for p in params if ep_slots(p) is not None]
+        if expert:  # on the gradients' device: NCCL reduces GPU tensors only
+            local = get_total_norm([p.grad for p in expert]).double() ** 2
+            dist.all_reduce(local, group=ep_slots(expert[0]).ep_group)
+            squares += local.cpu()
+        sharded = [p.grad for p in params if isinstance(p.grad, DTensor)]
+        if sharded:
+            squares += get_total_norm(sharded).full_tensor().double().cpu() ** 2
+        plain = [p.grad for p in params if ep_slots(p) is None and not isinstance(p.grad, DTensor)]
+        if plain:
+            squares += get_total_norm(plain).double().cpu() ** 2
+        total = squares.sqrt().float()
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            for is_sharded in (False, True):  # one foreach call cannot mix DTensors and tensors
+                group = [p for p in params if isinstance(p.grad, DTensor) == is_sharded]
+                if group:
+                    clip_grads_with_norm_(group, self.args.max_grad_norm, total)
+        return total
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         path = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
@@ -160,6 +238,9 @@ class SieveTrainer(Trainer):
                 path.unlink()
         self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
+        if self.expert_parallel:  # transformers saved the model only (save_only_model): add what a resume needs
+            self._save_optimizer_and_scheduler(str(path))
+            self._save_rng_state(str(path))
         self.accelerator.wait_for_everyone()  # every process has written its part (e.g. rng_state_N.pth)
         if not self.args.should_save:
             return
@@ -201,13 +282,15 @@ class SieveTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP every process gathers the adapter's shards (a collective), never the full base model
         that transformers' FSDP path would gather, and the main process writes them."""
-        if not self.is_fsdp_enabled:
+        if not (self.is_fsdp_enabled or self.expert_parallel):
             return super().save_model(output_dir, _internal_call)
         self._save(output_dir, factors=gather_factors(self._sieve_model()))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """transformers' FSDP branch also writes the full model (``save_fsdp_model``); keep the checkpoint
         adapter-only: accelerate's FSDP optimizer state (it holds the trainable factors only) and the schedule."""
+        if self.expert_parallel:
+            return self._save_gathered_optimizer(output_dir)
         if not self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
         from accelerate.utils import save_fsdp_optimizer
@@ -218,6 +301,40 @@ class SieveTrainer(Trainer):
         )
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _save_gathered_optimizer(self, output_dir: str) -> None:
+        """AdamW's state of the adapter factors keyed by name, every tensor gathered to its full shape (an
+        EP-trained run resumes on any layout), and the schedule. A collective: every process calls it."""
+        from transformers.trainer import SCHEDULER_NAME
+
+        names = {p: n for n, p in self._sieve_model().named_parameters() if p.requires_grad}
+        state = {}
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                moments = self.optimizer.state.get(param, {})
+                state[names[param]] = {key: _full(value, param) for key, value in sorted(moments.items())}
+        if self.args.should_save:
+            groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[p] for p in g["params"]]}
+                      for g in self.optimizer.param_groups]  # fmt: skip
+            torch.save({"state": state, "param_groups": groups}, os.path.join(output_dir, EP_OPTIMIZER))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_gathered_optimizer(self, checkpoint: str) -> None:
+        from transformers.trainer import SCHEDULER_NAME
+
+        saved = torch.load(os.path.join(checkpoint, EP_OPTIMIZER), weights_only=True)
+        names = {p: n for n, p in self._sieve_model().named_parameters() if p.requires_grad}
+        current = self.optimizer.state_dict()
+        for number, (group, entry) in enumerate(zip(self.optimizer.param_groups, current["param_groups"], strict=True)):
+            saved_group = saved["param_groups"][number]
+            if saved_group["params"] != [names[p] for p in group["params"]]:
+                raise ValueError(f"param group {number} holds other tensors than the checkpoint's")
+            entry.update({key: value for key, value in saved_group.items() if key != "params"})
+            for index, param in zip(entry["params"], group["params"], strict=True):
+                if saved["state"].get(names[param]):
+                    current["state"][index] = {k: _local(v, param) for k, v in saved["state"][names[param]].items()}
+        self.optimizer.load_state_dict(current)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None, factors: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -235,6 +352,8 @@ class SieveTrainer(Trainer):
         """A damaged optimizer.pt / scheduler.pt (same size, so the marker still matches) is one error naming the
         checkpoint and the complete one before it, never a pickle traceback."""
         try:
+            if self.expert_parallel and checkpoint is not None:
+                return self._load_gathered_optimizer(checkpoint)
             super()._load_optimizer_and_scheduler(checkpoint)
         except (MemoryError, KeyboardInterrupt):
             raise
@@ -254,6 +373,32 @@ class SieveTrainer(Trainer):
                 "intact. Lower --learning-rate or check the data."
             )
         return loss
+
+
+def _full(value: Any, param: Any) -> Any:
+    """An optimizer state entry as a full CPU tensor (EP slots gathered, FSDP shards gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(value, torch.Tensor):
+        return value
+    if ep_slots(param) is not None and value.ndim > 0:
+        value = gather_ep_factor(value, param)
+    elif isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.detach().cpu()
+
+
+def _local(value: Any, param: Any) -> Any:
+    """A saved full optimizer state entry as this process's part for ``param``."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return value
+    if ep_slots(param) is not None:
+        return local_slice(value, param)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):  # a weight FSDP2 shards (--router full): this process's shard
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value.to(param.device)
 
 
 class ThroughputCallback(TrainerCallback):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...arch.layers import global_num_experts
+
 __all__ = [
     "SIEVE_EXPERTS_IMPLEMENTATION",
     "ExpertLoRA",
@@ -249,6 +251,7 @@ class ExpertLoRA(nn.Module):
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
         self.num_experts = num_experts
+        self.first_expert = 0  # global id of local expert 0 (expert parallelism: the rank's block start)
         self.selected_experts: tuple[int, ...] = tuple(ids)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -296,7 +299,7 @@ class ExpertLoRA(nn.Module):
         is_transposed = getattr(experts, "is_transposed", False)
         w_in = experts.gate_up_proj if has_gate else experts.up_proj
         down = experts.down_proj
-        num_experts = int(getattr(experts, "num_experts", down.shape[0]))
+        num_experts = global_num_experts(experts) or int(down.shape[0])
         if is_transposed:
             intermediate_size, hidden_size = down.shape[1], down.shape[2]
         else:

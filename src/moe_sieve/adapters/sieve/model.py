@@ -17,10 +17,11 @@ from ...arch import ArchSpec, MoELayer, UnsupportedModelError, config_fingerprin
 from ...arch.layers import LAYER_INDEX
 from ...profiling.artifact import ProfileMismatchError
 from ...tables import TextTable
-from ..factors import ADAPTER_WEIGHTS, load_factors, trainable_parameters
+from ..factors import ADAPTER_WEIGHTS, full_numel, load_factors, trainable_parameters
 from ..methods import AdaptedModule, AdapterState, attach_target
 from ..tokens import attach_token_rows, merge_token_rows
 from .config import SieveLoraConfig
+from .expert_parallel import expert_shard, shard_expert_lora
 from .experts import (
     ExpertLoRA,
     register_sieve_experts_implementation,
@@ -194,7 +195,7 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
     def add(group: str, name: str, params: list[nn.Parameter], layer: int | None, expert_ids=()) -> None:
         for p in params:
             p.requires_grad_(True)
-        state.modules.append(AdaptedModule(group, layer, name, sum(p.numel() for p in params), list(expert_ids)))
+        state.modules.append(AdaptedModule(group, layer, name, sum(full_numel(p) for p in params), list(expert_ids)))
 
     def skip(group: str, layer: int | None, name: str, reason: str) -> None:
         state.skipped.append(SkippedModule(group, layer, name, reason))
@@ -278,8 +279,11 @@ def apply_sieve_lora(model: nn.Module, selection: Any = None, config: SieveLoraC
 
 
 def fused_expert_lora(layer: MoELayer, ids: Sequence[int], config: SieveLoraConfig) -> ExpertLoRA:
-    """The activation-space LoRA of experts ``ids`` of a fused (3D) experts module (not yet attached)."""
-    return ExpertLoRA.for_experts(layer.experts, ids, config.r, config.alpha, config.dropout)
+    """The activation-space LoRA of experts ``ids`` of a fused (3D) experts module (not yet attached); under
+    expert parallelism, the part this rank owns (adapters/sieve/expert_parallel.py)."""
+    lora = ExpertLoRA.for_experts(layer.experts, ids, config.r, config.alpha, config.dropout)
+    shard = expert_shard(layer.experts)
+    return lora if shard is None else shard_expert_lora(lora, shard)
 
 
 def wrap_listed_experts(
@@ -415,7 +419,9 @@ def verify_adapters(model: nn.Module) -> None:
         wanted = state.experts.get(layer.layer_id, [])
         if layer.layout.storage == "fused":
             lora = getattr(layer.experts, "sieve_lora", None)
-            have = set() if lora is None else set(lora.selected_experts)
+            have = set() if lora is None else {lora.first_expert + e for e in lora.selected_experts}
+            if lora is not None:  # expert parallelism: this rank owns experts [first, first + num_experts)
+                wanted = [e for e in wanted if 0 <= e - lora.first_expert < lora.num_experts]
         else:
             have = {
                 i
