@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from moe_sieve.adapters.ep import engine_owner_E
+from moe_sieve.modeling import distributed_config
 from moe_sieve.profiling import Profile
 from moe_sieve.training.config import EP_WITH_FSDP, TrainConfig
-from moe_sieve.training.sharding import check_expert_parallel
+from moe_sieve.training.sharding import check_expert_parallel, check_experts_sharded
 
 from .conftest import build_tiny
 
@@ -127,6 +128,20 @@ def test_train_refuses_what_expert_parallel_training_cannot_do_with_one_error_li
         config = TrainConfig(model="m", data="d", out="o", ep_size=2, **settings)
         with pytest.raises(ValueError, match=message):
             check_expert_parallel(config, one_process)
+
+
+def test_ep_refuses_a_model_the_engine_left_unsharded_and_transformers_without_the_engine(monkeypatch):
+    with pytest.raises(ValueError, match=r"--ep-size 2: transformers' engine did not shard the experts of olmoe"):
+        check_experts_sharded(build_tiny("olmoe", layers=2), 2)
+    import transformers.distributed
+
+    class OldDistributedConfig:  # transformers 5.17: no ep_size
+        def __init__(self, tp_size=1):
+            self.tp_size = tp_size
+
+    monkeypatch.setattr(transformers.distributed, "DistributedConfig", OldDistributedConfig)
+    with pytest.raises(ValueError, match=r"--ep-size 2: transformers .* has no expert-parallel engine"):
+        distributed_config(2)
 
 
 # --- train --ep-size: the one-process adapter and profile, and kill + --resume -------------------------------

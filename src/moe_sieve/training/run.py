@@ -42,7 +42,7 @@ from .rundir import (
     prepare_run_dir,
     run_record,
 )
-from .sharding import check_expert_parallel, check_fsdp, reshard
+from .sharding import check_expert_parallel, check_experts_sharded, check_fsdp, reshard
 from .tracking import check_report_to, install_tracking
 
 
@@ -275,6 +275,8 @@ def _train_locked(
         tokenizer=tokenizer,
     )
     model = model if model is not None else load_model(spec)
+    if config.ep_size > 1:
+        check_experts_sharded(model, config.ep_size)
     if config.packing:
         check_packing(model)
     loss_choice = choose_fused_ce(  # before any work: an unusable --fused-ce kernel fails here

@@ -141,3 +141,16 @@ def reshard(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def check_experts_sharded(model: Any, ep_size: int) -> None:
+    """After ``from_pretrained(distributed_config=...)``: the engine shards experts only where the model declares
+    a ``base_model_ep_plan``; without one it would run FSDP alone, silently not expert-parallel."""
+    from ..adapters.sieve.expert_parallel import is_expert_parallel
+
+    if not is_expert_parallel(model):
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(
+            f"--ep-size {ep_size}: transformers' engine did not shard the experts of {kind} (its config declares "
+            "no base_model_ep_plan for fused experts); train it with --fsdp instead"
+        )
