@@ -80,21 +80,7 @@ class GrownExpertLoRA(ExpertLoRA):
 
     def consolidated(self) -> ExpertLoRA:
         """One ordinary ExpertLoRA holding the same factors (for the final adapter)."""
-        first = self.parts[0]
-        plain = ExpertLoRA(
-            self.selected_experts,
-            self.num_experts,
-            self.hidden_size,
-            self.intermediate_size,
-            self.r,
-            self.alpha,
-            first.dropout.p,
-            has_gate=self.has_gate,
-            dtype=first.up_A.dtype,
-            device=first.up_A.device,
-            is_transposed=self.is_transposed,
-            is_concatenated=self.is_concatenated,
-        )
+        plain = self.parts[0].with_experts(self.selected_experts, self.num_experts)
         with torch.no_grad():
             for name, _, _ in plain._factors():
                 for suffix in ("_A", "_B"):

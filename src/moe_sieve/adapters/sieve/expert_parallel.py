@@ -76,20 +76,7 @@ def shard_expert_lora(full: ExpertLoRA, shard: ExpertShard) -> ExpertLoRA:
     slots = [i for i, e in enumerate(ids) if lo <= e < hi]
     first, stop = (slots[0], slots[-1] + 1) if slots else (sum(e < lo for e in ids),) * 2
     with torch.random.fork_rng(devices=[]):  # its own init is overwritten: draw nothing from the run's stream
-        local = ExpertLoRA(
-            [ids[i] - lo for i in slots],
-            shard.num_local,
-            full.hidden_size,
-            full.intermediate_size,
-            full.r,
-            full.alpha,
-            full.dropout.p,
-            has_gate=full.has_gate,
-            dtype=full.up_A.dtype,
-            device=full.up_A.device,
-            is_transposed=full.is_transposed,
-            is_concatenated=full.is_concatenated,
-        )
+        local = full.with_experts([ids[i] - lo for i in slots], shard.num_local)
     ep_group, efsdp_group = shard.groups()
     for name, param in full.named_parameters():
         new = nn.Parameter(param.detach()[first:stop].clone(), requires_grad=param.requires_grad)

@@ -326,6 +326,23 @@ class ExpertLoRA(nn.Module):
             is_concatenated=getattr(experts, "is_concatenated", True),
         )
 
+    def with_experts(self, expert_ids: Sequence[int], num_experts: int) -> ExpertLoRA:
+        """A new ExpertLoRA (freshly initialised) with this one's shapes, rank, dtype and layout, for other experts."""
+        return ExpertLoRA(
+            expert_ids,
+            num_experts,
+            self.hidden_size,
+            self.intermediate_size,
+            self.r,
+            self.alpha,
+            self.dropout.p,
+            has_gate=self.has_gate,
+            dtype=self.up_A.dtype,
+            device=self.up_A.device,
+            is_transposed=self.is_transposed,
+            is_concatenated=self.is_concatenated,
+        )
+
     @property
     def num_selected(self) -> int:
         return self.expert_ids.numel()
