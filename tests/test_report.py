@@ -360,8 +360,8 @@ def _synthetic_study(root, conditions, seeds, metric="accuracy", model="moe-siev
     """results.csv + runs/<id>/{config,metrics}.json as a sweep writes them, from hand-made numbers.
 
     A condition: name, strategy (config.json; None: none written), k, values (one per seed) and optionally
-    method/variant, converged (one bool per seed), curve (seed -> loss_curve or None), metrics (seed -> extra
-    metrics.json keys), wall (seed -> wall_time_s)."""
+    layers (selection.json's per-layer experts), method/variant, converged (one bool per seed), curve (seed ->
+    loss_curve or None), metrics (seed -> extra metrics.json keys), wall (seed -> wall_time_s)."""
     rows = []
     for c in conditions:
         for i, seed in enumerate(seeds):
@@ -389,6 +389,9 @@ def _synthetic_study(root, conditions, seeds, metric="accuracy", model="moe-siev
             }
             metrics.update(c.get("metrics", {}).get(seed, {}))
             (run / "metrics.json").write_text(json.dumps(metrics))
+            if c.get("layers") is not None:  # the selection.json keys the report reads
+                selection = {"params": {"k_resolved": c["k"]}, "layers": c["layers"]}
+                (run / "selection.json").write_text(json.dumps(selection))
             rows.append(
                 {
                     "run_id": run_id,
@@ -479,6 +482,7 @@ def _roles_study(root):
 
 
 def test_claims_table_judges_each_claim_by_role_with_independent_numbers(tmp_path):
+    from scipy.stats import spearmanr
     from statsmodels.stats.weightstats import ttost_paired
 
     root = tmp_path / "roles"
@@ -508,13 +512,36 @@ def test_claims_table_judges_each_claim_by_role_with_independent_numbers(tmp_pat
     assert f"ratio {s_hot / s_full:.2f}" in numbers
     verdict, numbers, _ = claims["k vs variance: the seed std falls as k grows (uniform top-k)"]
     assert verdict == "held here"
-    stds = [100 * np.std(truth[name], ddof=1) for name in ("small", "sieve", "big")]
-    assert numbers == "seed std k = 2: {:.2f} pp, k = 4: {:.2f} pp, k = 8: {:.2f} pp; Spearman ρ = -1.00".format(*stds)
+    stds = [100 * np.std(truth[name], ddof=1) for name in ("small", "sieve", "big", "baseline")]  # full: k = 16
+    rho = spearmanr([2, 4, 8, 16], stds).statistic
+    expected = "seed std k = 2: {:.2f} pp, k = 4: {:.2f} pp, k = 8: {:.2f} pp, k = 16: {:.2f} pp".format(*stds)
+    assert numbers == f"{expected}; Spearman ρ = {rho:+.2f}" and rho < 0
     verdict, _, why = claims["adapters-d (routed-D) beats MoE-agnostic LoRA (baseline)"]
     assert verdict == "not held here" and why.startswith("baseline is better")
     # the verdicts are coloured in the HTML page
     html = paths["html"].read_text()
     assert html.count("<td class='verdict held'>held here</td>") == sum(v[0] == "held here" for v in claims.values())
+
+
+def test_greedy_claim_is_not_testable_when_greedy_selects_exactly_the_top_k_experts(tmp_path):
+    """The evidence study's case: greedy allocation at the 25% budget picked the uniform top-4 of every layer, so
+    its runs were bit-identical to hot-25's; "held" (a CI of exactly 0) would claim a comparison that never ran."""
+    rng = np.random.default_rng(5)
+    hot = 0.6 + _exact(rng, 4, 0.0, 0.03)
+    same, other = {"0": [1, 4, 6, 9], "1": [0, 2, 3, 7]}, {"0": [1, 4, 6, 9], "1": [0, 2, 3, 8]}
+    for name, greedy_layers, expected in (("same", same, "not testable here"), ("other", other, "held here")):
+        conditions = [
+            {"name": "full", "strategy": "full", "k": 16, "values": list(hot + 0.01)},
+            {"name": "hot-25", "strategy": "topk", "k": 4, "values": list(hot), "layers": same},
+            {"name": "greedy-25", "strategy": "greedy", "k": 4, "values": list(hot), "layers": greedy_layers},
+        ]
+        root = _synthetic_study(tmp_path / name, conditions, range(4))
+        paths = write_report(root, root / "report.html", stability_trials=0)
+        claims = {row[0]: row[1:] for row in _md_table_rows(paths["md"].read_text(), "| claim | verdict |")}
+        verdict, numbers, why = claims["greedy-25 does not beat uniform top-k (hot-25) at the same budget (k = 4)"]
+        assert verdict == expected, (name, why)
+        if name == "same":
+            assert numbers == "identical selections" and "selects exactly the experts of uniform top-k" in why
 
 
 def stats_t_half(diff):

@@ -8,7 +8,8 @@ names; the rules are in docs/report.md:
 - full, the MoE-agnostic LoRA: strategy ``full`` (the ``--reference`` condition when it is one of them);
 - hot-k: strategy ``topk`` at the report's budget ``--k`` (25% resolved against the routed experts per layer);
 - random-k: strategy ``random`` at that budget; greedy: strategy ``greedy`` (its k is its mean per-layer budget);
-- the k sweep: every ``topk`` condition, one per k; routed adapters: strategy ``routed-<variant>``.
+- the k sweep: every ``topk`` condition, one per k, with ``full`` at k = its expert count; routed adapters:
+  strategy ``routed-<variant>``.
 
 When several conditions fit one role, the one with the most finished seeds is used (ties: name order) and the
 others are named in the reason.
@@ -52,6 +53,7 @@ class Condition:
     k: int | None
     seeds: int
     unconverged: int
+    selections: frozenset[str] = frozenset()  # the distinct per-layer expert sets its runs trained (JSON)
 
 
 class _Judge:
@@ -220,6 +222,14 @@ class _Judge:
             )
             self.add(claim, UNTESTABLE, "", reason)
             return
+        same = self.conditions[greedy].selections
+        if len(same) == 1 and same == self.conditions[uniform].selections:
+            reason = (
+                "greedy allocation selects exactly the experts of uniform top-k in every layer of this profile, "
+                "so the two conditions train the same adapters: nothing to compare"
+            )
+            self.add(claim, UNTESTABLE, "identical selections", reason)
+            return
         row, why = self.paired_or_none(greedy, uniform)
         if row is None:
             self.add(claim, UNTESTABLE, "", why)
@@ -283,8 +293,9 @@ class _Judge:
 
         claim = "k vs variance: the seed std falls as k grows (uniform top-k)"
         by_k: dict[int, str] = {}
-        for c in sorted(self.conditions.values(), key=lambda c: (-c.seeds, c.name)):
-            if c.strategy == "topk" and c.k is not None and c.seeds >= 2:
+        # top-k at every k, and full LoRA as the sweep's end (top-E of E experts is all of them)
+        for c in sorted(self.conditions.values(), key=lambda c: (c.strategy != "topk", -c.seeds, c.name)):
+            if c.strategy in ("topk", "full") and c.k and c.seeds >= 2:
                 by_k.setdefault(c.k, c.name)
         if len(by_k) < 3:
             self.add(
