@@ -60,8 +60,8 @@ def claims_section(ctx: ResultsContext, k: str) -> Section | None:
         f"better; differences in {ctx.unit}, paired over seeds, 95% t intervals, α = {ctx.alpha:g}). Conditions are "
         "identified by their strategy and k (config.json / selection.json / results.csv), not their names: full = "
         f"strategy full, hot = top-k at the report's budget ({budget_note}), random and greedy at that budget, the "
-        "k sweep = every top-k condition, routed = method routed. A missing condition or fewer than two paired "
-        "seeds makes a claim not testable here.",
+        "k sweep = every top-k condition and full at k = all experts, routed = method routed. A missing condition "
+        "or fewer than two paired seeds makes a claim not testable here.",
     )
     many = len(conditions) > 1
     rows, classes = [], []
