@@ -172,7 +172,13 @@ def _assert_same_adapter(got_dir, want_dir, tol):
     return got
 
 
-def _train_ep_and_compare(tmp_path, family, layers, nproc, ep_size, port, resume=True, tol=5e-5):
+# float32 + AdamW: the all-to-all sums an expert's gradient in another order than one process, and Adam's
+# m / (sqrt(v) + eps) amplifies that rounding where a gradient is near eps: measured max |diff| 1.4e-6 on 4 layers x
+# 2 processes, 1.0e-4 on a few of 2048 elements on 16 layers x 4 processes (steps 3-4 move the adapter ~4e-3)
+EP_TOL = 2e-4
+
+
+def _train_ep_and_compare(tmp_path, family, layers, nproc, ep_size, port, resume=True, tol=EP_TOL):
     model = tmp_path / family
     _save_fixture(family, model, layers)
     data = tmp_path / "d.jsonl"
@@ -209,7 +215,7 @@ def _train_ep_and_compare(tmp_path, family, layers, nproc, ep_size, port, resume
     assert any(k.endswith("_B") and got[k].abs().max() > 1e-3 for k in got if "sieve_lora" in k)  # it trained
     if resume:
         moved = max((got[k] - factors[k]).abs().max().item() for k in got)
-        assert moved > 50 * tol  # steps 3-4 move the adapter far beyond the tolerance: a bad resume shows
+        assert moved > 10 * tol  # steps 3-4 move the adapter far beyond the tolerance: a bad resume shows
     one_profile, ep_profile = (Profile.load(d / "profile") for d in (tmp_path / "one", run))
     np.testing.assert_array_equal(ep_profile.counts_LE, one_profile.counts_LE)
     np.testing.assert_array_equal(ep_profile.example_counts_NLE, one_profile.example_counts_NLE)
