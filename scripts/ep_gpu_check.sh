@@ -5,8 +5,9 @@
 # fsdp_size=N), with moe-sieve's sieve_lora experts kernel, and compares loss and embedding gradient (float32),
 # the experts it holds against moe_sieve.adapters.ep.engine_owner_E, and which hot experts' LoRA it holds.
 # (2) `train --ep-size N` on the OLMoE fixture against a one-process run: the adapters must agree.
-# NOT RUNNABLE ON THE DEV BOX (no GPU) and NOT YET RUN: the lent machines are single-GPU, and NCCL refuses two
-# ranks on one GPU, so this needs a machine with >= 2 GPUs. Usage: scripts/ep_gpu_check.sh [NPROC] [OUT]
+# NOT YET RUN ON GPUs: the lent machines are single-GPU, and NCCL refuses two ranks on one GPU, so this needs a
+# machine with >= 2 GPUs. Without CUDA it runs on gloo CPU processes (2026-12-06, dev box, NPROC=2: both checks
+# PASSED, train max |diff| 4.2e-5). Usage: scripts/ep_gpu_check.sh [NPROC] [OUT]
 set -euo pipefail
 NPROC=${1:-2}
 OUT=${2:-runs/ep-gpu}
