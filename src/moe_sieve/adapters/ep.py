@@ -139,6 +139,86 @@ def _expert_shapes(config: Any, trust_remote_code: bool) -> dict[str, Any]:
     }
 
 
+FLASH_LIKE = "moe_sieve_saved_bytes_attention"
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Attention as flash attention's autograd sees it (query, key, value, output, fp32 log-sum-exp saved), for
+    measuring on the meta device; it computes nothing and has no backward."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        raise RuntimeError("measurement only: the flash-like stand-in has no backward")
+
+
+def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    return _FlashLikeAttention.apply(query, key, value).transpose(1, 2), None
+
+
+def _register_flash_like_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FLASH_LIKE, _flash_like_attention)
+
+
+def dense_saved_bytes(
+    config: Any, lora: SieveLoraConfig, dtype: str, trust_remote_code: bool = False
+) -> dict[str, float]:
+    """Bytes autograd saves for the backward outside the routed experts (attention, norms, router, shared experts,
+    the head and the loss), with sieve LoRA attached, per token and fixed.
+
+    Measured, not modelled: a forward of the adapted model on the meta device (no memory, no compute) under
+    autograd's saved-tensor hooks, counting each saved activation once and no parameter. The experts' forward is
+    replaced by a stand-in whose own saves are not counted (their activations are the separate, tested formula).
+    Attention is counted as flash attention keeps it (query, key, value, output and the fp32 log-sum-exp). ``per_token``
+    is the slope between 8 and 16 tokens (it includes the fp32 logits of a plain cross-entropy); ``fixed`` is what
+    does not grow with tokens (e.g. a router weight cast to fp32).
+    """
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from .plan import meta_model
+    from .sieve.experts import iter_fused_experts
+    from .sieve.model import apply_sieve_lora
+
+    model = meta_model(config, trust_remote_code).to(_dtype(dtype))
+    _register_flash_like_attention()
+    model.config._attn_implementation = FLASH_LIKE  # what flash attention keeps, not the CPU math path's copies
+    dense_lora = SieveLoraConfig(**{**lora.__dict__, "experts": "none", "router": "full"})
+    apply_sieve_lora(model, None, dense_lora)
+
+    def experts_stand_in(hidden_states, top_k_index, top_k_weights):
+        with saved_tensors_hooks(lambda t: t, lambda t: t):
+            return hidden_states * top_k_weights.sum(-1, keepdim=True).to(hidden_states.dtype)
+
+    for _, experts in iter_fused_experts(model):
+        experts.forward = experts_stand_in
+    params = {id(p) for p in model.parameters()}
+
+    def saved(tokens: int) -> int:
+        seen: dict[int, torch.Tensor] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            base = t._base if t._base is not None else t
+            if id(base) not in params and id(t) not in params:
+                seen.setdefault(id(base), base)
+            return t
+
+        ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+        with saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(t.numel() * t.element_size() for t in seen.values())
+
+    small, large = saved(8), saved(16)
+    per_token = (large - small) / 8
+    return {"per_token": per_token, "fixed": max(small - 8 * per_token, 0.0)}
+
+
 def plan_ep(
     model: str | Path | Any,
     k: str | int = "25%",
@@ -197,6 +277,8 @@ def plan_ep(
     tokens = micro_batch * seq_len  # per rank
     group_rows = ep_size * tokens * shapes["top_k"]  # (token, k) rows of one EP group per MoE layer
     b = base_bytes
+    dense = dense_saved_bytes(config, lora, dtype, trust_remote_code)
+    dense_bytes = int(round(dense["fixed"] + dense["per_token"] * tokens))
     ranks = []
     for rank in range(ep_size):
         hot = float(hot_LR[:, rank].sum())
@@ -234,6 +316,7 @@ def plan_ep(
                 "grad_bytes": int(round(b * adapter)),
                 "optimizer_bytes": int(round(OPTIMIZER_STATES * b * adapter)),
                 "activation_bytes": int(acts + combine),
+                "dense_activation_bytes": dense_bytes,
                 "row_share": float(rows_LR[:, rank].mean()),
             }
         )
@@ -256,6 +339,8 @@ def plan_ep(
         "k": k_int,
         "r": lora.r,
         "lora_params_per_expert": per_expert,
+        "dense_saved_bytes_per_token": dense["per_token"],
+        "dense_saved_bytes_fixed": dense["fixed"],
         "dense_adapter_params": dense_adapter,
         "sieve_params": adapters["sieve_params"],
         "measured": profile is not None,
@@ -296,7 +381,8 @@ def ep_plan_table(result: dict[str, Any]) -> tuple[Any, list[str]]:
         "hot experts",
         "adapter",
         "+grad+AdamW",
-        "activations",
+        "expert acts",
+        "dense acts",
         "rows",
     ):
         table.add_column(column, justify="right")
@@ -311,6 +397,7 @@ def ep_plan_table(result: dict[str, Any]) -> tuple[Any, list[str]]:
             f"{rank['adapter_params'] / 1e6:,.2f}M",
             _gib(rank["adapter_bytes"] + rank["grad_bytes"] + rank["optimizer_bytes"]),
             _gib(rank["activation_bytes"]),
+            _gib(rank["dense_activation_bytes"]),
             f"{rank['row_share']:.3f}",
         )
     lines = [
@@ -319,8 +406,9 @@ def ep_plan_table(result: dict[str, Any]) -> tuple[Any, list[str]]:
         "their owner); rows: mean share of each layer's routed (token, k) rows that the rank's experts receive",
         "placement: transformers' engine, contiguous blocks of experts per EP rank "
         "(transformers/distributed/expert_parallel.py MoEParamShard, Shard(0) on the ep mesh)",
-        "activations: the experts' saved tensors on the rows each rank receives, plus the all-to-all combine; "
-        "attention and other dense activations are not included",
+        "expert acts: the experts' saved tensors on the rows each rank receives, plus the all-to-all combine; "
+        "dense acts: what autograd saves for everything else (attention, norms, router, shared experts, head and "
+        "loss), measured on a meta forward of the adapted model; no gradient checkpointing",
     ]
     spread = result["spread"]
     if spread is None:
