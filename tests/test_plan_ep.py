@@ -149,24 +149,12 @@ def test_dense_activations_from_the_meta_forward_match_a_real_forward():
     from torch.autograd.graph import saved_tensors_hooks
     from transformers import AutoModelForCausalLM
 
-    from moe_sieve.adapters.ep import FLASH_LIKE, _register_flash_like_attention, dense_saved_bytes
-    from moe_sieve.adapters.sieve.experts import iter_fused_experts
-    from moe_sieve.adapters.sieve.model import apply_sieve_lora
+    from moe_sieve.adapters.ep import dense_measurement_model, dense_saved_bytes
 
     config, lora, tokens = _config(), SieveLoraConfig(r=4, alpha=8), 24
     measured = dense_saved_bytes(config, lora, "float32")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    _register_flash_like_attention()
-    model.config._attn_implementation = FLASH_LIKE
-    apply_sieve_lora(model, None, SieveLoraConfig(r=4, alpha=8, experts="none", router="full"))
-
-    def experts_stand_in(hidden_states, top_k_index, top_k_weights):
-        with saved_tensors_hooks(lambda t: t, lambda t: t):
-            return hidden_states * top_k_weights.sum(-1, keepdim=True)
-
-    for _, experts in iter_fused_experts(model):
-        experts.forward = experts_stand_in
+    model = dense_measurement_model(AutoModelForCausalLM.from_config(config), lora)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 

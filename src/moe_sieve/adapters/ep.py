@@ -167,6 +167,28 @@ def _register_flash_like_attention() -> None:
     AttentionInterface.register(FLASH_LIKE, _flash_like_attention)
 
 
+def dense_measurement_model(model: torch.nn.Module, lora: SieveLoraConfig) -> torch.nn.Module:
+    """``model`` (in place) as :func:`dense_saved_bytes` measures it: sieve LoRA on everything but the routed
+    experts (router weights trained, as under EP), attention as flash attention keeps it instead of the CPU math
+    path's copies, and the experts' forward replaced by a stand-in whose own saves are not counted."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from .sieve.experts import iter_fused_experts
+    from .sieve.model import apply_sieve_lora
+
+    _register_flash_like_attention()
+    model.config._attn_implementation = FLASH_LIKE
+    apply_sieve_lora(model, None, SieveLoraConfig(**{**lora.__dict__, "experts": "none", "router": "full"}))
+
+    def experts_stand_in(hidden_states, top_k_index, top_k_weights):
+        with saved_tensors_hooks(lambda t: t, lambda t: t):
+            return hidden_states * top_k_weights.sum(-1, keepdim=True).to(hidden_states.dtype)
+
+    for _, experts in iter_fused_experts(model):
+        experts.forward = experts_stand_in
+    return model
+
+
 def dense_saved_bytes(
     config: Any, lora: SieveLoraConfig, dtype: str, trust_remote_code: bool = False
 ) -> dict[str, float]:
@@ -183,21 +205,8 @@ def dense_saved_bytes(
     from torch.autograd.graph import saved_tensors_hooks
 
     from .plan import meta_model
-    from .sieve.experts import iter_fused_experts
-    from .sieve.model import apply_sieve_lora
 
-    model = meta_model(config, trust_remote_code).to(_dtype(dtype))
-    _register_flash_like_attention()
-    model.config._attn_implementation = FLASH_LIKE  # what flash attention keeps, not the CPU math path's copies
-    dense_lora = SieveLoraConfig(**{**lora.__dict__, "experts": "none", "router": "full"})
-    apply_sieve_lora(model, None, dense_lora)
-
-    def experts_stand_in(hidden_states, top_k_index, top_k_weights):
-        with saved_tensors_hooks(lambda t: t, lambda t: t):
-            return hidden_states * top_k_weights.sum(-1, keepdim=True).to(hidden_states.dtype)
-
-    for _, experts in iter_fused_experts(model):
-        experts.forward = experts_stand_in
+    model = dense_measurement_model(meta_model(config, trust_remote_code).to(_dtype(dtype)), lora)
     params = {id(p) for p in model.parameters()}
 
     def saved(tokens: int) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .._io import atomic_write_safetensors, read_safetensors
 
@@ -45,18 +45,11 @@ def full_numel(param: torch.Tensor) -> int:
     return math.prod(slots.full_shape) if slots is not None else param.numel()
 
 
-def local_slice(full: torch.Tensor, param: Any) -> torch.Tensor:
-    """This rank's slots of a saved full factor (or optimizer moment) of an expert-parallel ``param``."""
-    slots = ep_slots(param)
-    return full[slots.first : slots.stop].to(param.device).contiguous()
-
-
-def gather_ep_factor(tensor: torch.Tensor, param: Any) -> torch.Tensor:
-    """The full tensor of an expert-parallel factor (or its optimizer moment): every EP rank's slots in rank
-    order. A collective over the EP group (the efsdp copies are identical, each gathers in its own group)."""
+def _gather_ep_factor(tensor: torch.Tensor, slots: ExpertSlots) -> torch.Tensor:
+    """Every EP rank's slots in rank order: a collective over the EP group (the efsdp copies are identical, each
+    gathers in its own group)."""
     import torch.distributed as dist
 
-    slots = ep_slots(param)
     pieces: list[Any] = [None] * dist.get_world_size(slots.ep_group)
     dist.all_gather_object(pieces, tensor.detach().cpu(), group=slots.ep_group)
     full = torch.cat(pieces, dim=0)
@@ -65,16 +58,32 @@ def gather_ep_factor(tensor: torch.Tensor, param: Any) -> torch.Tensor:
     return full
 
 
+def full_tensor(tensor: torch.Tensor, param: Any) -> torch.Tensor:
+    """``tensor`` (``param`` itself, or a state tensor shaped like it such as an AdamW moment) as the full
+    one-process tensor: expert-parallel slots and FSDP2 shards are gathered (a collective: every process calls
+    it), anything else is returned as it is."""
+    slots = ep_slots(param)
+    if slots is not None:
+        return _gather_ep_factor(tensor, slots)
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_part(full: torch.Tensor, param: Any) -> torch.Tensor:
+    """The inverse of :func:`full_tensor`: this process's part of a saved full tensor for ``param`` (its
+    expert-parallel slots, its FSDP2 shard, or the whole tensor), on ``param``'s device."""
+    slots = ep_slots(param)
+    if slots is not None:
+        return full[slots.first : slots.stop].to(param.device).contiguous()
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return full.to(param.device)
+
+
 def gather_factors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable factors as full CPU tensors. FSDP2 shards them (DTensor): gathering them is a collective,
-    so under FSDP every process must call this, and the main one writes the result."""
-
-    def full(p: nn.Parameter) -> torch.Tensor:
-        if ep_slots(p) is not None:  # expert parallelism: each rank holds its own hot experts' slots
-            return gather_ep_factor(p, p)
-        return p.full_tensor() if isinstance(p, DTensor) else p
-
-    return {name: full(p).detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+    """The trainable factors as full CPU tensors. FSDP2 shards them (DTensor) and expert parallelism spreads the
+    expert factors over ranks: gathering them is a collective, so there every process must call this, and the main
+    one writes the result."""
+    return {name: full_tensor(p, p).detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
 
 
 def save_factors(model: nn.Module, path: str | os.PathLike, factors: dict[str, torch.Tensor] | None = None) -> None:
@@ -87,8 +96,6 @@ def save_factors(model: nn.Module, path: str | os.PathLike, factors: dict[str, t
 def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy saved factors into an adapted model (sharded by FSDP2 or not); every trainable tensor must be
     present with its shape."""
-    from torch.distributed.tensor import distribute_tensor
-
     tensors = read_safetensors(path)
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # eval, export and merge alike: such an adapter never loads
@@ -106,9 +113,4 @@ def load_factors(model: nn.Module, path: str | os.PathLike) -> None:
             shape = slots.full_shape if slots is not None else tuple(param.shape)
             if tuple(tensors[name].shape) != shape:
                 raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
-            if ep_slots(param) is not None:  # expert parallelism: the slots of this rank's hot experts
-                param.copy_(local_slice(tensors[name], param))
-            elif isinstance(param, DTensor):  # FSDP2: each process keeps its own shard of the saved tensor
-                param.copy_(distribute_tensor(tensors[name], param.device_mesh, param.placements, src_data_rank=None))
-            else:
-                param.copy_(tensors[name])
+            param.copy_(local_part(tensors[name], param))  # EP: this rank's slots; FSDP2: this process's shard

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .._io import atomic_write_json, fault_point
-from ..adapters.factors import ep_slots, gather_ep_factor, local_slice
+from ..adapters.factors import ep_slots, full_tensor, local_part
 from ..adapters.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, gather_factors, load_factors, save_factors
 from ..adapters.sieve.expert_parallel import is_expert_parallel, reduce_expert_gradient
 from .sharding import check_sharded, enable_cpu_fsdp
@@ -376,29 +376,17 @@ class SieveTrainer(Trainer):
 
 
 def _full(value: Any, param: Any) -> Any:
-    """An optimizer state entry as a full CPU tensor (EP slots gathered, FSDP shards gathered)."""
-    from torch.distributed.tensor import DTensor
-
+    """An optimizer state entry as a full CPU tensor (EP slots and FSDP2 shards gathered; scalars as they are)."""
     if not isinstance(value, torch.Tensor):
         return value
-    if ep_slots(param) is not None and value.ndim > 0:
-        value = gather_ep_factor(value, param)
-    elif isinstance(value, DTensor):
-        value = value.full_tensor()
-    return value.detach().cpu()
+    return (value if value.ndim == 0 else full_tensor(value, param)).detach().cpu()
 
 
 def _local(value: Any, param: Any) -> Any:
     """A saved full optimizer state entry as this process's part for ``param``."""
     if not isinstance(value, torch.Tensor) or value.ndim == 0:
         return value
-    if ep_slots(param) is not None:
-        return local_slice(value, param)
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):  # a weight FSDP2 shards (--router full): this process's shard
-        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return value.to(param.device)
+    return local_part(value, param)
 
 
 class ThroughputCallback(TrainerCallback):

@@ -36,7 +36,6 @@ class ExpertShard:
 
     mesh: Any  # DeviceMesh with an "ep" dimension
     ep_rank: int
-    ep_size: int
     num_local: int
 
     @property
@@ -61,8 +60,7 @@ def expert_shard(experts: nn.Module) -> ExpertShard | None:
     names = mesh.mesh_dim_names or ()
     if "ep" not in names:
         raise ValueError(f"{type(experts).__name__}: expert weights on a mesh without an 'ep' dimension ({names})")
-    ep_mesh = mesh["ep"]
-    return ExpertShard(mesh, ep_mesh.get_local_rank(), ep_mesh.size(), int(experts.num_experts))
+    return ExpertShard(mesh, mesh["ep"].get_local_rank(), int(experts.num_experts))
 
 
 def is_expert_parallel(model: nn.Module) -> bool:

@@ -36,17 +36,15 @@ def claims_section(ctx: ResultsContext, k: str) -> Section | None:
     conditions: dict[tuple[str, str], dict[str, Condition]] = defaultdict(dict)
     counts = Counter((r.model, r.task, r.condition) for r in ctx.records)
     flagged = Counter((r.model, r.task, r.condition) for r in ctx.records if r.converged is False)
-    selections: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    first_run, selections = {}, defaultdict(set)
     for run in ctx.runs:
         key = (run.row["model"], run.row["task"], run.row["condition"])
+        first_run.setdefault(key, run)
         layers = (run.selection or {}).get("layers")
-        selections[key].add(json.dumps(layers, sort_keys=True) if layers is not None else "unknown")
-    for run in ctx.runs:
-        key = (run.row["model"], run.row["task"], run.row["condition"])
-        if key[2] not in conditions[key[:2]]:
-            conditions[key[:2]][key[2]] = Condition(
-                key[2], run.strategy, run.k, counts[key], flagged[key], frozenset(selections[key] - {"unknown"})
-            )
+        selections[key].add(None if layers is None else json.dumps(layers, sort_keys=True))
+    for key, run in first_run.items():
+        trained = frozenset() if None in selections[key] else frozenset(selections[key])  # unknown: not compared
+        conditions[key[:2]][key[2]] = Condition(key[2], run.strategy, run.k, counts[key], flagged[key], trained)
     budget, budget_note = _budget(ctx.data, k)
     claims = judge_claims(
         ctx.records, dict(conditions), ctx.info, ctx.ref or "", ctx.margins, ctx.alpha, budget, budget_note
